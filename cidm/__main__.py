@@ -1,0 +1,3 @@
+from cidm.cli import main
+
+raise SystemExit(main())

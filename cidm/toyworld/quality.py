@@ -1,0 +1,93 @@
+"""Measured quality of the toy world's models: evaluator zero-shot accuracy and generator prompt-following."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import world as W
+
+HELD_OUT_SEED = 10_000_000  # seeds at or above this are never used for training
+
+
+def zero_shot_prompts() -> dict[str, dict[str, str]]:
+    """Class name -> prompt, per attribute: the evaluator's zero-shot classifiers."""
+    contexts = {c: f"a photo of a thing {W.CONTEXTS[c]}" for c in W.CONTEXTS}
+    contexts.update({f"bg:{c}": f"a photo of a thing {W.context_phrase('bg:' + c)}" for c in W.COLOURS})
+    return {
+        "shape": {s: f"a photo of a {s}" for s in W.SHAPES},
+        "colour": {c: f"a photo of {W.with_article(c)} thing" for c in W.COLOURS},
+        "context": contexts,
+    }
+
+
+def to_pixel_values(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the world's (and the evaluator's) input convention."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def embed_texts(clip, tokenizer, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return torch.nn.functional.normalize(clip.get_text_features(input_ids=ids).pooler_output, dim=-1)
+
+
+@torch.no_grad()
+def embed_images(clip, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch_size):
+        feats = clip.get_image_features(pixel_values=to_pixel_values(images[i:i + batch_size])).pooler_output
+        out.append(torch.nn.functional.normalize(feats, dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def classify(clip, tokenizer, images: np.ndarray) -> dict[str, list[str]]:
+    """Zero-shot labels for shape, colour and context of each image."""
+    img = embed_images(clip, images)
+    labels = {}
+    for attr, prompts in zero_shot_prompts().items():
+        names = list(prompts)
+        txt = embed_texts(clip, tokenizer, [prompts[n] for n in names])
+        labels[attr] = [names[i] for i in (img @ txt.T).argmax(-1).tolist()]
+    return labels
+
+
+def evaluator_accuracy(clip, tokenizer, n: int = 1000, seed: int = HELD_OUT_SEED) -> dict[str, float]:
+    """Zero-shot accuracy on n fresh single-object world images (held-out seeds)."""
+    images, _, scenes = W.batch(range(seed, seed + n), two_object_prob=0.0)
+    pred = classify(clip, tokenizer, images)
+    truth = {"shape": [s.objects[0][0] for s in scenes], "colour": [s.objects[0][1] for s in scenes],
+             "context": [s.context for s in scenes]}
+    return {a: float(np.mean([p == t for p, t in zip(pred[a], truth[a])])) for a in truth}
+
+
+def random_prompts(n: int, seed: int = HELD_OUT_SEED + 1) -> tuple[list[str], list[dict]]:
+    """n base-vocabulary prompts (one object, no base style) with their attributes."""
+    rng = np.random.default_rng(seed)
+    prompts, attrs = [], []
+    for _ in range(n):
+        shape, colour = str(rng.choice(W.SHAPES)), str(rng.choice(list(W.COLOURS)))
+        context = W.random_context(rng, {colour})
+        scene = W.Scene(((shape, colour, None),), context, ((32, 32, 16),), 0)
+        prompts.append(scene.caption)
+        attrs.append({"shape": shape, "colour": colour, "context": context})
+    return prompts, attrs
+
+
+@torch.no_grad()
+def generator_accuracy(pipe, clip, tokenizer, n: int = 200, steps: int = 25, guidance: float = 5.0,
+                       batch_size: int = 50, seed: int = 0) -> tuple[dict[str, float], np.ndarray, list[str]]:
+    """How often the evaluator finds the prompted shape, colour and context in generated images."""
+    prompts, attrs = random_prompts(n)
+    images = []
+    for i in range(0, n, batch_size):
+        g = torch.Generator().manual_seed(seed + i)
+        out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                   output_type="np")
+        images.append((out.images * 255).round().astype(np.uint8))
+    images = np.concatenate(images)
+    pred = classify(clip, tokenizer, images)
+    acc = {a: float(np.mean([p == t[a] for p, t in zip(pred[a], attrs)])) for a in ("shape", "colour", "context")}
+    return acc, images, prompts
