@@ -58,6 +58,39 @@ def cmd_toyworld_train(args) -> int:
     return 0
 
 
+def cmd_learn(args) -> int:
+    from .studio import Studio
+
+    studio = Studio(args.library, base_model=args.base_model)
+    settings = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("rank", args.rank)) if v is not None}
+    every = max(1, min(50, (args.steps or 800) // 20))
+
+    def progress(step, terms):
+        if step % every == 0:
+            print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in terms.items()), flush=True)
+
+    result = studio.learn(args.name, args.images, args.class_word, args.kind, replace=args.replace,
+                          progress=progress, **settings)
+    print(f"learned <{result.name}> in {result.seconds:.1f} s ({result.steps_done} steps); library: "
+          f"{', '.join(studio.names)}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .studio import Studio
+
+    studio = Studio(args.library, base_model=args.base_model)
+    images = studio.generate(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                             num_images=args.num_images, seed=args.seed, psi=args.psi)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        image.save(path)
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cidm", description="CIDM Studio: learn concepts one after another "
                                      "without forgetting, and compose them in boxes.")
@@ -68,6 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "with CUDA, else the embedded toy model)")
     p.add_argument("--load", action="store_true", help="also load it and list its cross-attention layers")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("learn", help="learn a new concept from a few images and add it to a library")
+    p.add_argument("--library", required=True, help="library folder (created if missing)")
+    p.add_argument("--name", required=True, help="concept name, written <name> in prompts")
+    p.add_argument("--images", nargs="+", required=True, help="3-10 image files (JPEG, PNG, WebP, …)")
+    p.add_argument("--class-word", default="object", help="what it is: dog, mug, star, style, …")
+    p.add_argument("--kind", choices=("object", "style"), default="object")
+    p.add_argument("--steps", type=int, help="training steps (paper: 800)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 4)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--replace", action="store_true", help="replace a concept of the same name")
+    p.add_argument("--base-model")
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("generate", help="generate images; prompts may name learned concepts as <name>")
+    p.add_argument("--library", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--out", required=True, help="PNG path (with -0, -1, … for several images)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--psi", choices=("paper", "code"), default="paper", help="EWA weighting (Eq. 3)")
+    p.add_argument("--base-model")
+    p.set_defaults(func=cmd_generate)
 
     tw = sub.add_parser("toyworld", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     p = tw.add_parser("train", help="train the toy world's tokenizer, VAE, evaluator and UNet from scratch")

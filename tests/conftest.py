@@ -8,6 +8,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest
 import torch
 
+torch.set_num_threads(1)  # tiny models: one thread is fastest and never oversubscribes the CPU
+
 
 def make_tiny_pipeline(seed: int = 0):
     """A ~1M-parameter SD pipeline with 64×64 images, two cross-attention resolutions and a world tokenizer."""

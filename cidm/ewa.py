@@ -1,0 +1,81 @@
+"""Elastic weight aggregation (EWA, Eq. 3 of Dong et al., NeurIPS 2024): merge every task's LoRA per layer by how
+much the prompt resembles each task's concept tokens. Nothing is learned; the weights depend only on the prompt, so
+they are computed and merged once per prompt, not per denoising step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .lora import LoRAWeights
+
+
+def elastic_weights(c_hat: torch.Tensor, e_hat: torch.Tensor, psi: str = "paper") -> torch.Tensor:
+    # Eq. 3: M = max_rows(ĉ^l ê^lᵀ), weights ψ(M)
+    """Implements Eq. 3 (EWA weights) of Dong et al., NeurIPS 2024.
+
+    c_hat (L, N, D): the prompt's layer-wise embeddings at its N real tokens; e_hat (T, L, D): each task's concept
+    embeddings per layer. Returns ψ (L, T). psi="paper": M²/‖M²‖₂; psi="code": 0.8·M⁴/ΣM⁴ (official code).
+    Similarities are cosines (as in the official code); negative ones count as 0.
+    """
+    c = torch.nn.functional.normalize(c_hat.float(), dim=-1)  # (L, N, D)
+    e = torch.nn.functional.normalize(e_hat.float(), dim=-1).transpose(0, 1)  # (L, T, D)
+    M = torch.einsum("lnd,ltd->lnt", c, e).amax(dim=1).clamp(min=0)  # (L, T): max over prompt tokens
+    if psi == "paper":
+        m2 = M ** 2
+        return m2 / m2.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    if psi == "code":
+        m4 = M ** 4
+        return 0.8 * m4 / m4.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    raise ValueError(f"psi must be 'paper' or 'code', got {psi!r}")
+
+
+def prompt_token_embeddings(tokens, prompt: str) -> torch.Tensor:
+    """The prompt's layer-wise embeddings at its real tokens (no BOS, no padding): (L, N, D).
+
+    The official code takes the max over all 77 positions; BOS is the same for every prompt and padding repeats EOS,
+    so we leave both out (DEVIATION, stated in the README's table).
+    """
+    emb = tokens.encode([prompt])[0]  # (L, N_max, D)
+    n_real = len(tokens.pipe.tokenizer(tokens.bind(prompt, 0)).input_ids)  # BOS … EOS
+    return emb[:, 1:n_real]
+
+
+@torch.no_grad()
+def ewa_weights(tokens, names: list[str], prompt: str, psi: str = "paper") -> torch.Tensor:
+    """ψ (L, T) for the tasks `names` and a prompt."""
+    if not names:
+        return torch.zeros(tokens.n_layers, 0)
+    e_hat = torch.stack([tokens.concept_embeddings(n) for n in names])  # (T, L, D)
+    return elastic_weights(prompt_token_embeddings(tokens, prompt), e_hat, psi)
+
+
+def layer_of(module: str) -> str:
+    """`...attn2.to_q` / `...attn2.to_out.0` -> `...attn2`."""
+    return module.rsplit(".to_", 1)[0]
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def merged(unet, layers: dict[str, int], loras: list[LoRAWeights], weights: torch.Tensor):
+    """Within the block, W^l = W0^l + Σ_i ψ_i^l ΔW_i^l (ΔŴ of Eq. 3); afterwards the base weights, bit for bit."""
+    modules = dict(unet.named_modules())
+    originals: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    try:
+        targets = sorted({m for lora in loras for m in lora.modules})
+        for module in targets:
+            linear = modules[module]
+            linear = getattr(linear, "base_layer", linear)
+            l = layers[layer_of(module)]
+            delta = sum(w * lora.delta(module) for w, lora in zip(weights[l].tolist(), loras) if module in lora.up)
+            new = linear.weight.float() + delta.to(linear.weight.device)
+            if not torch.isfinite(new).all():
+                raise ValueError(f"NaNs or infs in the merged weights of {module}; a concept's LoRA is corrupt")
+            originals.append((linear, linear.weight.data))
+            linear.weight.data = new.to(linear.weight.dtype)
+        yield
+    finally:
+        for linear, weight in reversed(originals):  # unmerge last in, first out
+            linear.weight.data = weight

@@ -1,0 +1,193 @@
+"""A working session: one base model, one concept library, every concept's tokens and LoRA ready for generation.
+
+The CLI and the app call this; it calls the pieces (`train.learn_task`, `generate.generate`, `library.Library`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import images as images_lib
+from . import lora as lora_lib
+from .generate import GenerateConfig, generate
+from .library import Library, LibraryError
+from .losses import TaskSharedKnowledge
+from .models import load_base
+from .tokens import ConceptTokens
+from .train import TaskConfig, TaskResult, learn_task
+
+TOKENS_FILE = "tokens.safetensors"
+METHOD = "cidm"
+
+
+class Studio:
+    """Base model + concept library, loaded and kept consistent."""
+
+    def __init__(self, library: str | Path, base_model: str | None = None, device: str | None = None,
+                 dtype: torch.dtype | None = None, pipe=None, info=None):
+        if pipe is None:
+            pipe, info = load_base(base_model, device, dtype)
+        self.pipe, self.info = pipe, info
+        self.library = Library(library)
+        self.library.check_base(info.source, info.num_cross_attn_layers)
+        self.tokens = ConceptTokens(pipe, info.num_cross_attn_layers)
+        self.loras: dict[str, lora_lib.LoRAWeights] = {}
+        self.shared: TaskSharedKnowledge | None = None
+        self._load_library()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loading
+
+    def _load_library(self) -> None:
+        for name in self.library.names:
+            folder = self.library.concept_dir(name)
+            self.tokens.add(name, load_tokens(folder))
+            self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
+        shared_file = self.library.task_shared_file
+        if shared_file is not None and shared_file.exists():
+            self.shared = load_shared(shared_file)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loras)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # learning
+
+    def learn(self, name: str, sources, class_word: str, kind: str = "object", captions: list[str] | None = None,
+              replace: bool = False, progress: Callable[[int, dict], None] | None = None,
+              cancel: Callable[[], bool] | None = None, **settings) -> TaskResult:
+        """Learn a new concept from images (paths, PIL images, arrays…) and add it to the library atomically."""
+        self.library.check_new(name, replace)
+        if kind not in ("object", "style"):
+            raise ValueError(f"kind must be 'object' or 'style', got {kind!r}")
+        if not class_word or not class_word.strip():
+            raise ValueError("the class word is empty; give the kind of thing it is, e.g. 'dog', 'mug' or 'style'")
+        config = TaskConfig(name=name, class_word=class_word.strip(), kind=kind, **settings)
+        pixels = images_lib.prepare_training_images(sources, self.info.resolution)
+        if replace and name in self.loras:
+            self._forget(name)
+        past = dict(self.loras)
+        shared = self.shared
+        if shared is not None and config.r2_rank != shared.rank:
+            config = dataclasses.replace(config, r2_rank=shared.rank)
+        with self.library.staging() as stage:
+            folder = stage / name
+            folder.mkdir()
+            try:
+                result = learn_task(self.pipe, self.tokens, config, pixels, folder, past=past, shared=shared,
+                                    captions=captions, progress=progress, cancel=cancel)
+            except BaseException:
+                self._reload()
+                raise
+            if result.cancelled:
+                self._reload()
+                return result
+            save_tokens(folder, result.token_rows, config)
+            save_images(folder, pixels)
+            self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
+            if self.shared is None:  # after the first task, W_* and H_1 from its ΔW
+                self.shared = TaskSharedKnowledge(config.r2_rank)
+                self.shared.initialise(name, self.loras[name])
+            shared_file = stage / "task_shared.safetensors"
+            save_shared(self.shared, shared_file)
+            write_card(folder, config, self.info.source)
+            record = {"class_word": config.class_word, "kind": kind, "task": len(self.library) + 1,
+                      "tokens": self.tokens.slots[name], "training": dataclasses.asdict(config),
+                      "seconds": round(result.seconds, 1), "final_terms": result.final_terms,
+                      "n_images": len(pixels)}
+            base = {"source": self.info.source, "n_layers": self.info.num_cross_attn_layers,
+                    "pipeline_class": self.info.pipeline_class}
+            try:
+                self.library.commit_concept(name, folder, record, base, METHOD,
+                                            {"psi": "paper", "gamma1": config.gamma1, "gamma2": config.gamma2},
+                                            shared_file, replace=replace)
+            except BaseException:
+                self._reload()
+                raise
+        return result
+
+    def _forget(self, name: str) -> None:
+        self.tokens.remove(name)
+        self.loras.pop(name, None)
+        if self.shared is not None and name in self.shared.tasks:
+            self.shared.remove_task(name)
+
+    def _reload(self) -> None:
+        """Back to exactly what the library on disk holds (after a cancelled or failed task)."""
+        for name in list(self.tokens.names):
+            self.tokens.remove(name)
+        self.loras.clear()
+        self.shared = None
+        self.library = Library(self.library.root)
+        self._load_library()
+
+    def delete(self, name: str) -> None:
+        self.library.record(name)
+        self._forget(name)
+        shared_file = None
+        if self.shared is not None and self.shared.tasks:
+            shared_file = self.library.root / ".task_shared.tmp.safetensors"
+            save_shared(self.shared, shared_file)
+        else:
+            self.shared = None
+        self.library.delete(name, task_shared=shared_file)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # generating
+
+    def generate(self, prompt: str, negative_prompt: str = "", callback=None, **settings):
+        return generate(self.pipe, self.tokens, self.loras, prompt, negative_prompt, GenerateConfig(**settings),
+                        callback=callback)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+
+
+def save_tokens(folder: Path, rows: torch.Tensor, config: TaskConfig) -> None:
+    save_file({"embeddings": rows.float().contiguous()}, str(folder / TOKENS_FILE),
+              metadata={"name": config.name, "n_slots": str(config.n_slots), "class_word": config.class_word})
+
+
+def load_tokens(folder: Path) -> torch.Tensor:
+    with safe_open(str(folder / TOKENS_FILE), "pt") as f:
+        return f.get_tensor("embeddings")
+
+
+def save_shared(shared: TaskSharedKnowledge, path: Path) -> None:
+    meta = {"rank": str(shared.rank), "modules": json.dumps(shared.modules_), "tasks": json.dumps(shared.tasks)}
+    save_file({k: v.contiguous() for k, v in shared.to_tensors().items()}, str(path), metadata=meta)
+
+
+def load_shared(path: Path) -> TaskSharedKnowledge:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return TaskSharedKnowledge.from_tensors(tensors, json.loads(meta["modules"]), json.loads(meta["tasks"]),
+                                            int(meta["rank"]))
+
+
+def save_images(folder: Path, pixels: torch.Tensor) -> None:
+    from PIL import Image
+
+    (folder / "images").mkdir()
+    for i, p in enumerate(pixels):
+        array = ((p.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(folder / "images" / f"{i}.png")
+
+
+def write_card(folder: Path, config: TaskConfig, base_model: str) -> None:
+    from .hub import concept_card
+
+    concept_card(config.name, config.class_word, config.kind, base_model).save(folder / "README.md")
+
+
+__all__ = ["Studio", "LibraryError"]

@@ -1,0 +1,188 @@
+"""Learning one task (one concept) with CIDM's concept consolidation loss (Eq. 2 and Algorithm 1, Dong et al. 2024).
+
+Task g trains a fresh LoRA on the frozen base weights θ0 and the concept's layer-wise tokens; the base UNet, VAE and
+text encoder stay frozen. Each batch: (1) tokens and ΔW_g descend diffusion + γ1·R1 + γ2·R2 with H, W_* fixed;
+(2) H_i and W_* descend R2 with the tokens and ΔW_g fixed (Eq. 7, as descent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import lora as lora_lib
+from .attention import install_processors
+from .images import Augment
+from .losses import TaskSharedKnowledge, diffusion_loss, orthogonal_subspace_loss
+
+OBJECT_TEMPLATES = ("a photo of a {}", "a close-up photo of a {}", "a picture of a {}", "a photo of the {}")
+STYLE_TEMPLATES = ("a picture in {} style", "a photo in {} style", "a painting in {} style", "an image in {} style")
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """Settings of one task; saved verbatim with the concept. Defaults follow the paper (§5.1, A.3)."""
+
+    name: str
+    class_word: str
+    kind: str = "object"  # object | style
+    steps: int = 800  # paper: 800 per task
+    batch_size: int = 1  # paper/code: 1 per GPU
+    rank: int = 4  # LoRA rank r (paper follows Mix-of-Show, r = 4)
+    lr_lora: float = 1e-4  # UNet LoRA learning rate
+    lr_embedding: float = 1e-3  # layer-wise token learning rate
+    gamma1: float = 0.1  # R1 weight, §4.1
+    gamma2: float = 1.0  # R2 weight, §4.1
+    r1_reduction: str = "sum"  # "sum" (paper Eq. 2) | "mean" (official code)
+    r1_form: str = "literal"  # "literal" |A_i A_gᵀ| (paper and code) | "subspace" |A_iᵀ A_g| (see losses.py)
+    use_r1: bool = True  # ablation switch (cidm-no-r1)
+    use_r2: bool = True  # ablation switch (cidm-no-r2)
+    r2_rank: int = 16  # k of the factored W_* = U Vᵀ and H_i = P Qᵀ (see losses.TaskSharedKnowledge)
+    r2_lr: float = 1e-3  # step-2 learning rate for H and W_*
+    n_slots: int = 2  # tokens per concept (`<dog1> <dog2>` in the official code)
+    sigma: float = 0.013  # std of the random first token (code: 0.011–0.020 by task)
+    emb_norm_ratio: float = 1.4  # stop token updates at this × the vocabulary's mean norm (SD-1.5: 0.55)
+    noise_offset: float = 0.01  # official code
+    hflip: float = 0.5  # augmentation: horizontal flip probability
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TaskResult:
+    name: str
+    steps_done: int
+    seconds: float
+    cancelled: bool
+    final_terms: dict
+    token_rows: torch.Tensor
+
+
+def get_lr(step: int, total: int) -> float:
+    # linear decay to 0 over the task, no warm-up (official code's `get_scheduler('linear')`)
+    return max(0.0, 1.0 - step / max(1, total))
+
+
+def captions_for(config: TaskConfig, n_images: int, captions: list[str] | None) -> list[str]:
+    """Each image's caption with `<name>`; without captions, the paper's templates (objects / styles)."""
+    if captions is not None:
+        if len(captions) != n_images:
+            raise ValueError(f"{len(captions)} captions for {n_images} images; give one caption per image or none")
+        missing = [c for c in captions if f"<{config.name}>" not in c]
+        if missing:
+            raise ValueError(f"caption {missing[0]!r} does not name <{config.name}>; every caption must")
+        return list(captions)
+    templates = STYLE_TEMPLATES if config.kind == "style" else OBJECT_TEMPLATES
+    return [templates[i % len(templates)].format(f"<{config.name}>") for i in range(n_images)]
+
+
+def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: Path,
+               past: dict[str, lora_lib.LoRAWeights] | None = None, shared: TaskSharedKnowledge | None = None,
+               captions: list[str] | None = None, progress: Callable[[int, dict], None] | None = None,
+               cancel: Callable[[], bool] | None = None) -> TaskResult:
+    """Learn one concept from `images` (N, 3, H, W) in [-1, 1]; writes its LoRA into `out_dir`.
+
+    `past` are the earlier tasks' LoRAs by name (for R1); `shared` holds R2's H_i and W_* and is updated in place.
+    """
+    past = dict(past or {})
+    unet, vae, text_encoder, scheduler = pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler
+    device = unet.device
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    captions = captions_for(config, len(images), captions)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    from diffusers import DDPMScheduler
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+
+    # 1. New task learner: layer-wise tokens and a fresh LoRA from θ0
+    tokens.add(config.name, tokens.initial_rows(config.class_word, config.n_slots, config.sigma, generator))
+    token_rows = tokens.rows(config.name)
+    token_rows.requires_grad_(True)
+    lora_lib.add_task_lora(unet, config.name, config.rank)
+    install_processors(unet)
+    current = lora_lib.live_weights(unet, config.name)
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": config.lr_lora},
+                                   {"params": [token_rows], "lr": config.lr_embedding}], weight_decay=0.01)
+    vocab_norm = tokens.embedding.base.weight.norm(dim=-1).mean().item()
+    emb_norm_threshold = config.emb_norm_ratio * vocab_norm
+    use_r2 = config.use_r2 and shared is not None and bool(shared.tasks)
+    if use_r2:
+        shared.add_task(config.name)
+        shared_optimizer = torch.optim.Adam(shared.parameters(), lr=config.r2_lr)
+    augment = Augment(hflip=config.hflip)
+    images = images.to(device, vae.dtype)
+    terms, step, t0, cancelled = {}, 0, time.time(), False
+
+    # 2. The loop
+    unet.train()
+    for step in range(1, config.steps + 1):
+        for group, base_lr in zip(optimizer.param_groups, (config.lr_lora, config.lr_embedding)):
+            group["lr"] = base_lr * get_lr(step - 1, config.steps)
+        idx = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+        with torch.no_grad():
+            pixels = augment(images[idx].float().cpu(), generator).to(device, vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=None) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+        noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(noise)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, t.to(device))
+        text = tokens.encode([captions[i] for i in idx.tolist()])  # (B, L, N, D), grads reach the token rows
+        noise_pred = unet(noisy, t.to(device), encoder_hidden_states=text[:, 0],
+                          cross_attention_kwargs={"layerwise_text": text.to(unet.dtype)}).sample
+
+        # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
+        diffusion = diffusion_loss(noise_pred, noise)
+        r1 = orthogonal_subspace_loss(current, list(past.values()), config.r1_reduction, config.r1_form) if config.use_r1 and past \
+            else torch.zeros(())
+        r2 = shared.task_shared_loss(config.name, current) if use_r2 else torch.zeros(())
+        loss = diffusion + config.gamma1 * r1 + config.gamma2 * r2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora_params + [token_rows], config.grad_clip)
+        if token_rows.grad is not None and token_rows.detach().norm(dim=-1).mean() >= emb_norm_threshold:
+            token_rows.grad = None  # embedding-norm stop (official code: 0.55 on SD-1.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # step 2 of Eq. 7 (as descent; the printed '+' ascends): H_i and W_* on R2, tokens and ΔW_g fixed
+        if use_r2:
+            frozen = lora_lib.LoRAWeights({m: w.detach() for m, w in current.up.items()},
+                                          {m: w.detach() for m, w in current.down.items()}, current.scale)
+            learners = {**past, config.name: frozen}
+            r2_all = sum(shared.task_shared_loss(name, learners[name]) for name in shared.tasks)
+            r2_all.backward()
+            shared_optimizer.step()
+            shared_optimizer.zero_grad(set_to_none=True)
+
+        terms = {"loss": loss.item(), "diffusion": diffusion.item(), "r1": r1.item(), "r2": r2.item(),
+                 "token_norm": float(token_rows.detach().norm(dim=-1).mean())}
+        if progress is not None:
+            progress(step, terms)
+        if cancel is not None and cancel():
+            cancelled = True
+            break
+
+    # 3. Save the task learner, take the LoRA off the UNet (θ0 again)
+    unet.eval()
+    token_rows.requires_grad_(False)
+    if not cancelled:
+        lora_lib.save_lora(pipe, config.name, out_dir)
+    lora_lib.remove_lora(unet)
+    install_processors(unet)
+    if cancelled:
+        tokens.remove(config.name)
+    if use_r2 and cancelled:
+        shared.remove_task(config.name)
+    return TaskResult(config.name, step, time.time() - t0, cancelled, terms, token_rows.detach().cpu().clone())
+
+
+def assert_finite(terms: dict) -> None:
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"training diverged: {bad}; lower the learning rates or the steps")

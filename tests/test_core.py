@@ -1,0 +1,266 @@
+"""CIDM core: layer-wise tokens, LoRA per task, R1 / R2, EWA, the library, learning and generating."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cidm import models
+from cidm.ewa import elastic_weights, ewa_weights, merged
+from cidm.library import Library, LibraryError, validate_name
+from cidm.lora import LoRAWeights, load_lora
+from cidm.losses import TaskSharedKnowledge, orthogonal_subspace_loss
+from cidm.studio import Studio
+from cidm.toyworld import concepts as C
+
+STEPS = 12
+
+
+def learn(studio, name, steps=STEPS, **kw):
+    images, captions = C.reference_images(name)
+    spec = C.spec(name)
+    return studio.learn(name, images, spec.class_word, spec.kind, captions=captions, steps=steps, batch_size=2,
+                        **kw)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return models.load_base(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def studio(base, tmp_path_factory):
+    """A library with three concepts learned one after another (two objects, one style)."""
+    pipe, info = base
+    studio = Studio(tmp_path_factory.mktemp("lib"), pipe=pipe, info=info)
+    for name in ("medic", "bolt", "pixelart"):
+        learn(studio, name)
+    return studio
+
+
+def fresh_studio(base, path):
+    from conftest import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return Studio(path, pipe=pipe, info=base[1])
+
+
+def image(studio, prompt, seed=0, **kw):
+    return np.asarray(studio.generate(prompt, steps=3, seed=seed, **kw)[0], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# learning
+
+
+def test_only_the_new_embedding_rows_change(base, tmp_path):
+    pipe, info = base
+    studio = fresh_studio(base, tmp_path / "lib")
+    table_before = studio.tokens.embedding.base.weight.detach().clone()
+    init = studio.tokens.initial_rows("square", 2, 0.013, torch.Generator().manual_seed(0))
+    learn(studio, "medic", steps=5, seed=0)
+    assert torch.equal(studio.tokens.embedding.base.weight, table_before)
+    rows = studio.tokens.rows("medic")
+    assert rows.shape == (2 * info.num_cross_attn_layers, 32)
+    assert not torch.allclose(rows, init)  # the concept rows did learn
+
+
+def test_learning_is_deterministic_for_a_seed(base, tmp_path):
+    a = fresh_studio(base, tmp_path / "a")
+    b = fresh_studio(base, tmp_path / "b")
+    learn(a, "medic", steps=4, seed=3)
+    learn(b, "medic", steps=4, seed=3)
+    assert torch.equal(a.tokens.rows("medic"), b.tokens.rows("medic"))
+    la, lb = a.loras["medic"], b.loras["medic"]
+    assert all(torch.equal(la.up[m], lb.up[m]) for m in la.up)
+
+
+def test_library_files_and_manifest(studio):
+    lib = studio.library
+    assert lib.names == ["medic", "bolt", "pixelart"]
+    manifest = json.loads((lib.root / "library.json").read_text())
+    assert manifest["method"] == "cidm" and manifest["base_model"]["n_layers"] == 7
+    rec = manifest["concepts"]["pixelart"]
+    assert rec["kind"] == "style" and rec["class_word"] == "style" and rec["task"] == 3
+    assert rec["training"]["gamma1"] == 0.1 and rec["training"]["gamma2"] == 1.0
+    folder = lib.root / "bolt"
+    for f in ("pytorch_lora_weights.safetensors", "tokens.safetensors", "README.md", "images/0.png"):
+        assert (folder / f).is_file(), f
+    card = (folder / "README.md").read_text()
+    assert "cidm" in card and "text-to-image" in card and "<bolt>" in card
+    assert lib.task_shared_file.is_file()
+
+
+def test_lora_file_loads_in_a_plain_diffusers_pipeline_and_changes_output(studio, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a photo of a square", num_inference_steps=3, generator=g, output_type="np").images
+
+    before = run()
+    pipe.load_lora_weights(str(studio.library.root / "medic"), adapter_name="medic")
+    after = run()
+    assert not np.allclose(before, after, atol=1e-6)
+
+
+def test_reloaded_library_generates_identical_images(studio, base, tmp_path):
+    again = fresh_studio(base, studio.library.root)
+    assert again.names == studio.names
+    a = image(studio, "a photo of a <medic> in <pixelart> style")
+    b = image(again, "a photo of a <medic> in <pixelart> style")
+    np.testing.assert_array_equal(a, b)
+
+
+def test_concepts_change_the_image(studio):
+    plain = image(studio, "a photo of a square on a beach")
+    concept = image(studio, "a photo of a <medic> on a beach")
+    assert np.abs(plain - concept).max() > 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# R1, R2
+
+
+def lora(up, down, scale=1.0):
+    return LoRAWeights({"m": up}, {"m": down}, scale)
+
+
+def test_r1_subspace_form_is_zero_for_orthogonal_subspaces_and_positive_otherwise():
+    eye = torch.eye(8)
+    new = lora(eye[:, :4], torch.randn(4, 5))
+    orthogonal = lora(eye[:, 4:], torch.randn(4, 5))
+    overlapping = lora(eye[:, 2:6], torch.randn(4, 5))  # shares two basis vectors with `new`
+    assert orthogonal_subspace_loss(new, [orthogonal], form="subspace").item() == 0.0
+    assert orthogonal_subspace_loss(new, [overlapping], form="subspace").item() == pytest.approx(2.0)
+    assert orthogonal_subspace_loss(new, [overlapping], "mean", "subspace").item() == pytest.approx(2.0 / 16)
+
+
+def test_r1_literal_form_is_the_printed_formula_and_ignores_orthogonality():
+    eye = torch.eye(8)
+    new = lora(eye[:, :4], torch.randn(4, 5))
+    orthogonal = lora(eye[:, 4:], torch.randn(4, 5))
+    # |A_i A_gᵀ| pairs column c of A_i with column c of A_g: four ones although the subspaces are orthogonal
+    assert orthogonal_subspace_loss(new, [orthogonal]).item() == pytest.approx(4.0)
+    assert orthogonal_subspace_loss(new, [orthogonal], "mean").item() == pytest.approx(4.0 / 64)
+    zero = lora(torch.zeros(8, 4), torch.randn(4, 5))
+    assert orthogonal_subspace_loss(zero, [orthogonal]).item() == 0.0
+
+
+def test_r2_factored_form_equals_the_dense_formula():
+    g = torch.Generator().manual_seed(0)
+    first = lora(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), 0.5)
+    second = lora(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), 0.5)
+    shared = TaskSharedKnowledge(rank=3)
+    shared.initialise("a", first, generator=g)
+    assert shared.task_shared_loss("a", first).item() == pytest.approx(0.0, abs=1e-6)  # H_1 W_* = ΔW_1
+    shared.add_task("b")
+    with torch.no_grad():
+        shared.P["b"]["m"].normal_(generator=g)
+    dense = ((second.delta("m") - shared.dense_h_w("b", "m")) ** 2).sum()
+    assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+def test_r2_state_survives_a_round_trip(studio):
+    from cidm.studio import load_shared
+
+    saved = load_shared(studio.library.task_shared_file)
+    assert saved.tasks == ["medic", "bolt", "pixelart"]
+    for name in saved.tasks:
+        assert saved.task_shared_loss(name, studio.loras[name]).item() == pytest.approx(
+            studio.shared.task_shared_loss(name, studio.loras[name]).item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EWA
+
+
+def test_ewa_weights_follow_the_paper_and_the_code():
+    c_hat = torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])  # (L=1, N=2, D=2)
+    e_hat = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[-1.0, 0.0]]])  # (T=3, L=1, D=2)
+    paper = elastic_weights(c_hat, e_hat, "paper")[0]
+    M = torch.tensor([1.0, 0.8, 0.0])  # max cosine per task; negative counts as 0
+    expected = M ** 2 / (M ** 2).norm()
+    torch.testing.assert_close(paper, expected)
+    code = elastic_weights(c_hat, e_hat, "code")[0]
+    torch.testing.assert_close(code, 0.8 * M ** 4 / (M ** 4).sum())
+    assert code.sum().item() == pytest.approx(0.8)
+
+
+def test_ewa_weights_are_per_layer_and_per_task(studio):
+    w = ewa_weights(studio.tokens, studio.names, "a photo of a <bolt>")
+    assert w.shape == (7, 3)
+    torch.testing.assert_close(w.norm(dim=-1), torch.ones(7))  # ψ = M²/‖M²‖ per layer
+
+
+def test_unmerge_restores_base_weights_exactly(studio):
+    from cidm.attention import install_processors
+
+    unet = studio.pipe.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    layers = install_processors(unet)
+    weights = ewa_weights(studio.tokens, studio.names, "a photo of a <bolt>")
+    with merged(unet, layers, list(studio.loras.values()), weights):
+        changed = [k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed and all("attn2" in k for k in changed)
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_merge_refuses_non_finite_weights(studio):
+    from cidm.attention import install_processors
+
+    bad = studio.loras["medic"]
+    module = bad.modules[0]
+    broken = LoRAWeights({**bad.up, module: bad.up[module] * float("nan")}, bad.down, bad.scale)
+    layers = install_processors(studio.pipe.unet)
+    before = {k: v.clone() for k, v in studio.pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN"):
+        with merged(studio.pipe.unet, layers, [broken], torch.ones(7, 1)):
+            pass
+    assert all(torch.equal(v, before[k]) for k, v in studio.pipe.unet.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# inputs and the library's rules
+
+
+def test_unknown_concept_lists_the_known_ones(studio):
+    with pytest.raises(ValueError, match=r"unknown concept <dog>.*<medic>, <bolt>, <pixelart>"):
+        studio.generate("a photo of a <dog>", steps=2)
+
+
+@pytest.mark.parametrize("name", ["", "../evil", "a/b", "Has Space", "UPPER", "x" * 41, "..", "tab\tname", "é"])
+def test_bad_names_are_refused_with_the_rule(name):
+    with pytest.raises(LibraryError, match="lower-case letters"):
+        validate_name(name)
+
+
+def test_existing_name_is_refused_unless_replacing(studio):
+    with pytest.raises(LibraryError, match="already exists"):
+        learn(studio, "medic", steps=1)
+
+
+def test_cancel_leaves_the_library_as_it_was(studio):
+    manifest = (studio.library.root / "library.json").read_bytes()
+    result = learn(studio, "donut", steps=50, cancel=lambda: True)
+    assert result.cancelled and result.steps_done == 1
+    assert (studio.library.root / "library.json").read_bytes() == manifest
+    assert "donut" not in studio.names and "donut" not in studio.tokens.names
+    assert not (studio.library.root / "donut").exists()
+
+
+def test_library_learned_on_another_base_is_refused(studio, tmp_path):
+    lib = Library(studio.library.root)
+    with pytest.raises(LibraryError, match="learned on base model"):
+        lib.check_base("some-org/other-model", 16)
+
+
+def test_tokens_of_another_model_are_refused(studio):
+    with pytest.raises(ValueError, match="cross-attention layers"):
+        studio.tokens.add("odd", torch.zeros(5, 32))
