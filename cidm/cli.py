@@ -91,6 +91,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import EXAMPLES, run_core_bench
+
+    if not args.core:
+        raise ValueError("choose a benchmark: --core (CIDM's learning, IA, EWA routing and cost)")
+    run_core_bench(Path(args.out), base_model=args.base, concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks,
+                   steps=args.steps, prompts=args.prompts, seeds=args.seeds, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cidm", description="CIDM Studio: learn concepts one after another "
                                      "without forgetting, and compose them in boxes.")
@@ -128,12 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("bench", help="benchmarks, printed as tables")
+    p.add_argument("--out", required=True, help="an empty folder for the library, samples and results")
+    p.add_argument("--core", action="store_true", help="learning time, IA vs base, EWA routing and cost")
+    p.add_argument("--concepts", help="a concept set in the examples/concepts format (default: the toy world's)")
+    p.add_argument("--tasks", type=int, default=10)
+    p.add_argument("--steps", type=int, default=300, help="training steps per task")
+    p.add_argument("--prompts", type=int, default=10, help="evaluation prompts per concept")
+    p.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", help="base model (default as for `info`)")
+    p.set_defaults(func=cmd_bench)
+
     tw = sub.add_parser("toyworld", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     p = tw.add_parser("train", help="train the toy world's tokenizer, VAE, evaluator and UNet from scratch")
     p.add_argument("--out", required=True, help="run folder; the model lands in OUT/model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-minutes", type=float, default=15.0)
-    p.add_argument("--clip-minutes", type=float, default=12.0)
+    p.add_argument("--clip-minutes", type=float, default=10.0)
     p.add_argument("--unet-minutes", type=float, default=90.0, help="UNet budget of this invocation (resumable)")
     p.add_argument("--resume-from", help="a shipped model folder (e.g. cidm/toyworld/model) to continue from")
     p.set_defaults(func=cmd_toyworld_train)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -100,8 +101,10 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     from diffusers import DDPMScheduler
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
 
-    # 1. New task learner: layer-wise tokens and a fresh LoRA from θ0
-    tokens.add(config.name, tokens.initial_rows(config.class_word, config.n_slots, config.sigma, generator))
+    # 1. New task learner: layer-wise tokens and a fresh LoRA from θ0; the random first token is seeded by the name
+    #    too, so that two concepts never start from the same vector
+    init_generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(config.name.encode()))
+    tokens.add(config.name, tokens.initial_rows(config.class_word, config.n_slots, config.sigma, init_generator))
     token_rows = tokens.rows(config.name)
     token_rows.requires_grad_(True)
     lora_lib.add_task_lora(unet, config.name, config.rank)

@@ -57,14 +57,21 @@ def image(studio, prompt, seed=0, **kw):
 
 def test_only_the_new_embedding_rows_change(base, tmp_path):
     pipe, info = base
+    untrained = fresh_studio(base, tmp_path / "untrained")
+    learn(untrained, "medic", steps=0, seed=0)
+    init = untrained.tokens.rows("medic").detach().clone()  # the initial rows, as learning starts
     studio = fresh_studio(base, tmp_path / "lib")
     table_before = studio.tokens.embedding.base.weight.detach().clone()
-    init = studio.tokens.initial_rows("square", 2, 0.013, torch.Generator().manual_seed(0))
     learn(studio, "medic", steps=5, seed=0)
     assert torch.equal(studio.tokens.embedding.base.weight, table_before)
     rows = studio.tokens.rows("medic")
     assert rows.shape == (2 * info.num_cross_attn_layers, 32)
     assert not torch.allclose(rows, init)  # the concept rows did learn
+
+
+def test_concepts_start_from_different_random_tokens(studio):
+    rows = [studio.tokens.rows(n)[0] for n in studio.names]  # slot 0, layer 0 of each concept
+    assert not torch.allclose(rows[0], rows[1], atol=1e-3)
 
 
 def test_learning_is_deterministic_for_a_seed(base, tmp_path):

@@ -35,7 +35,7 @@ class ToyTrainConfig:
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6  # KL weight; small, as SD's VAE
     vae_finetune_minutes: float = 9.0  # a second, low-learning-rate pass: sharper edges, fewer ring artefacts
-    vae_finetune_lr: float = 2e-4
+    vae_finetune_lr: float = 5e-4
     # evaluator (CLIP), whose text tower is also the frozen text encoder of the diffusion model (as in SD)
     clip_minutes: float = 10.0
     clip_batch: int = 128

@@ -1,0 +1,122 @@
+"""Benchmarks, printed as tables: `python -m cidm bench --core` measures CIDM's core claims on a concept set.
+
+Concept sets use the `examples/concepts` format (concepts.json + images), so the same command runs on real photos
+with SD-1.5 on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .generate import GenerateConfig
+from .metrics import Evaluator, image_alignment
+from .studio import Studio
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "concepts"
+
+
+def load_concept_set(path: Path = EXAMPLES) -> dict:
+    spec = json.loads((Path(path) / "concepts.json").read_text())
+    for name, c in spec["concepts"].items():
+        c["reference_images"] = [Image.open(Path(path) / f).convert("RGB") for f in c["images"]]
+    return spec
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    fmt = [lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt[0](v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def generate_set(studio: Studio, prompts: list[str], seeds: list[int], steps: int, guidance: float):
+    images = []
+    for p in prompts:
+        for s in seeds:
+            images += studio.generate(p, steps=steps, guidance=guidance, seed=s)
+    return images
+
+
+def run_core_bench(out: Path, base_model: str | None = None, concepts: Path = EXAMPLES, tasks: int = 10,
+                   steps: int = 300, prompts: int = 10, seeds: int = 2, gen_steps: int = 25, guidance: float = 5.0,
+                   batch_size: int = 4, seed: int = 0) -> dict:
+    """Learn the standard sequence; measure time per task, IA against the base model, EWA routing and its cost."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = load_concept_set(concepts)
+    order = spec["standard_sequence"][:tasks]
+    studio = Studio(out / "library", base_model=base_model)
+    if studio.names:
+        raise ValueError(f"{out / 'library'} already holds concepts; give an empty --out")
+    evaluator = Evaluator(studio.info.evaluator, str(studio.pipe.device))
+    seed_list = list(range(seeds))
+    report: dict = {"base_model": studio.info.source, "steps": steps, "tasks": order, "learn_seconds": {}}
+
+    # 1. Learn the sequence, timing each task
+    for name in order:
+        c = spec["concepts"][name]
+        t0 = time.perf_counter()
+        studio.learn(name, c["reference_images"], c["class_word"], c["kind"], captions=c["captions"], steps=steps,
+                     batch_size=batch_size, seed=seed)
+        report["learn_seconds"][name] = time.perf_counter() - t0
+        print(f"learned <{name}> in {report['learn_seconds'][name]:.1f} s", flush=True)
+        if len(studio.names) == 3:  # 2. IA of the first three, against the base prompted with the class word
+            rows = []
+            for n in studio.names:
+                cn = spec["concepts"][n]
+                gen = generate_set(studio, cn["eval_prompts"][:prompts], seed_list, gen_steps, guidance)
+                plain = generate_set(studio, cn["eval_texts"][:prompts], seed_list, gen_steps, guidance)
+                rows.append([n, image_alignment(evaluator, gen, cn["reference_images"]),
+                             image_alignment(evaluator, plain, cn["reference_images"])])
+                gen[0].save(out / f"sample_{n}.png")
+            report["ia_after_3"] = {r[0]: {"cidm": r[1], "base_class_word": r[2]} for r in rows}
+            print(markdown_table(["concept", "IA CIDM", "IA base (class word)"], rows), flush=True)
+
+    # 3. EWA routing after the whole sequence: which task gets the largest weight for a prompt naming <V_k>
+    from .ewa import ewa_weights
+
+    matrix = torch.stack([ewa_weights(studio.tokens, studio.names, f"a photo of a <{n}>").mean(0)
+                          for n in studio.names])  # (prompt concept, task)
+    routed = [studio.names[i] for i in matrix.argmax(1).tolist()]
+    report["ewa_matrix"] = matrix.tolist()
+    report["ewa_routed_correctly"] = sum(r == n for r, n in zip(routed, studio.names))
+    print(markdown_table(["prompt \\ task", *studio.names],
+                         [[n, *[float(100 * v) for v in row]] for n, row in zip(studio.names, matrix.tolist())]))
+    print(f"EWA routes to the named concept's task in {report['ewa_routed_correctly']}/{len(studio.names)} cases")
+
+    # 4. Cost of EWA: the whole library vs one plain LoRA in a stock diffusers pipeline, same steps and batch
+    report["timing"] = ewa_timing(studio, gen_steps, guidance)
+    print(markdown_table(["generation (1 image, %d steps)" % gen_steps, "seconds"],
+                         [[k, v] for k, v in report["timing"].items()]))
+    (out / "core.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def ewa_timing(studio: Studio, steps: int, guidance: float, repeats: int = 5) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    names = studio.names
+    prompt = f"a photo of a <{names[0]}> on a beach"
+
+    def timed(fn):
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+
+    ours = timed(lambda: studio.generate(prompt, steps=steps, guidance=guidance, seed=0))
+    plain = StableDiffusionPipeline.from_pretrained(studio.info.source, safety_checker=None,
+                                                    requires_safety_checker=False).to(studio.pipe.device)
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(studio.library.concept_dir(names[0])), adapter_name=names[0])
+    g = torch.Generator().manual_seed(0)
+    single = timed(lambda: plain("a photo of a square on a beach", num_inference_steps=steps,
+                                 guidance_scale=guidance, generator=g))
+    return {f"CIDM, EWA over {len(names)} concepts": ours, "diffusers, one plain LoRA": single,
+            "ratio": ours / single}
