@@ -38,7 +38,7 @@ class SelfAttnProcessor:
     """Plain self-attention; accepts (and ignores) the cross-attention kwargs so diffusers does not warn."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 layerwise_text=None, region_masks=None, region_text=None):
+                 layerwise_text=None, region_masks=None, region_kv=None):
         residual = hidden_states
         if attn.norm_cross is not None and encoder_hidden_states is not None:
             raise NotImplementedError("cross-normalised self-attention is not used by SD / SDXL UNets")
@@ -47,33 +47,42 @@ class SelfAttnProcessor:
 
 
 class LayerwiseTextAttnProcessor:
-    """Cross-attention of layer `layer` reading its own text embedding (layer-wise concept tokens)."""
+    """Cross-attention of layer `layer` reading its own text embedding (layer-wise concept tokens), and, when
+    regions are given, regional cross-attention inside their boxes (Eq. 4)."""
 
     def __init__(self, layer: int):
         self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 layerwise_text=None, region_masks=None, region_text=None):
+                 layerwise_text=None, region_masks=None, region_kv=None):
         residual = hidden_states
         context = encoder_hidden_states if layerwise_text is None else layerwise_text[:, self.layer]  # (B, M, D)
         out = multi_head_attention(attn, hidden_states, context)
         if region_masks is not None:
-            out = regional_cross_attention(attn, hidden_states, out, region_masks, region_text[:, :, self.layer])
+            keys, values = region_kv[self.layer]
+            out = regional_cross_attention(attn, hidden_states, out, region_masks, keys, values)
         return output_projection(attn, out, residual)
 
 
-def regional_cross_attention(attn, hidden_states, global_out, region_masks, region_text):
-    """Eq. 4: features inside box u attend to region u's layer-wise prompt; overlaps averaged, outside kept.
+def regional_cross_attention(attn, hidden_states, global_out, region_masks, keys, values):
+    """Implements Eq. 4 (layer-wise regional cross-attention) of Dong et al., NeurIPS 2024.
 
-    hidden_states (B, N, C); global_out (B, N, C); region_masks (B, U, H0, W0) at the latent resolution;
-    region_text (B, U, M, D): each region's embedding for this layer.
+    Positions inside box u take softmax(Q K_uᵀ/√d) V_u, with K_u, V_u projected from region u's layer-wise prompt
+    (precomputed once per generation); overlaps are averaged; positions outside every box keep the global output.
+    hidden_states, global_out (B, N, C); region_masks (B, U, H0, W0); keys, values (B, U, M, C).
     """
-    B, N, _ = hidden_states.shape
+    B, N, C = hidden_states.shape
     U = region_masks.shape[1]
-    masks = masks_at(region_masks, N)  # (B, U, N), this layer's resolution
-    region_out = torch.stack([multi_head_attention(attn, hidden_states, region_text[:, u]) for u in range(U)], 1)
-    cover = masks.sum(1, keepdim=True).transpose(1, 2)  # (B, N, 1): how many boxes cover each position
-    inside = (masks.unsqueeze(-1) * region_out).sum(1) / cover.clamp(min=1)  # (B, N, C), overlaps averaged
+    masks = masks_at(region_masks, N).to(hidden_states.dtype)  # (B, U, N) at this layer's resolution
+    query = attn.to_q(hidden_states)
+    head_dim = query.shape[-1] // attn.heads
+    q = query.view(B, 1, -1, attn.heads, head_dim).transpose(2, 3)  # (B, 1, heads, N, d)
+    k = keys.view(B, U, -1, attn.heads, head_dim).transpose(2, 3)  # (B, U, heads, M, d)
+    v = values.view(B, U, -1, attn.heads, head_dim).transpose(2, 3)
+    region_out = F.scaled_dot_product_attention(q.expand(-1, U, -1, -1, -1), k, v)  # (B, U, heads, N, d)
+    region_out = region_out.transpose(2, 3).reshape(B, U, -1, attn.heads * head_dim)  # (B, U, N, C')
+    cover = masks.sum(1).unsqueeze(-1)  # (B, N, 1): how many boxes cover each position
+    inside = (masks.unsqueeze(-1) * region_out).sum(1) / cover.clamp(min=1)  # overlaps averaged
     return torch.where(cover > 0, inside, global_out)
 
 

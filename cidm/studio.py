@@ -148,6 +148,15 @@ class Studio:
                         callback=callback)
 
 
+    def compose(self, prompt: str, regions, negative_prompt: str = "", alpha: float = 0.1,
+                region_noise: str = "normalised", callback=None, **settings):
+        from .regions import Region, compose
+
+        regions = [r if isinstance(r, Region) else Region(*r) for r in regions]
+        return compose(self.pipe, self.tokens, self.loras, prompt, regions, negative_prompt,
+                       GenerateConfig(**settings), alpha=alpha, region_noise=region_noise, callback=callback)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # files
 
