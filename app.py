@@ -1,15 +1,33 @@
-"""CIDM Studio: the Gradio app. Thin by design: each tab is one builder; all method logic lives in `cidm/`."""
+"""CIDM Studio: the Gradio app. Thin by design: one builder per tab, handlers that call `cidm`, no method logic.
+
+Each browser session has its own library (a folder under the system temp dir), unless `CIDM_LIBRARY` names one
+persistent library (a duplicated private Space with storage at /data). Work on the model runs one request at a time
+(`concurrency_id="gpu"`), so sessions share one base pipeline safely.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
 
 import gradio as gr
 import spaces
+from gradio_image_annotation import image_annotator
+from PIL import Image
 
 from cidm import models
+from cidm.library import LibraryError
+from cidm.studio import Studio
 
-_BASE = {}  # the base pipeline, loaded once on first use (keeps start-up fast)
+ON_SPACE = bool(os.environ.get("SPACE_ID"))
+SESSIONS = Path(tempfile.gettempdir()) / "cidm-sessions"
+_BASE: dict = {}  # the base pipeline, loaded once on first use (keeps start-up fast)
+_ACTIVE: dict = {}  # the Studio of the library in use (one at a time: requests are serialised)
+_CANCEL: dict[str, threading.Event] = {}
+USER_ERRORS = (ValueError, LibraryError, models.BaseModelError, FileNotFoundError)
 
 
 def base():
@@ -18,31 +36,272 @@ def base():
     return _BASE["pipe"], _BASE["info"]
 
 
-@spaces.GPU(duration=60)
-def generate(prompt: str, seed: int, steps: int, guidance: float):
-    import torch
+def library_path(request: gr.Request | None) -> Path:
+    if os.environ.get("CIDM_LIBRARY"):
+        return Path(os.environ["CIDM_LIBRARY"])
+    session = getattr(request, "session_hash", None) or "local"
+    return SESSIONS / session
 
-    if not prompt.strip():
-        raise gr.Error("The prompt is empty: describe the image, e.g. 'a photo of a red star on a beach'.")
-    try:
+
+def studio(request: gr.Request | None) -> Studio:
+    path = library_path(request)
+    if _ACTIVE.get("path") != path:
         pipe, info = base()
-    except models.BaseModelError as err:
-        raise gr.Error(str(err)) from err
-    g = torch.Generator(pipe.device).manual_seed(int(seed))
-    return pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance), generator=g).images[0]
+        _ACTIVE.update(path=path, studio=Studio(path, pipe=pipe, info=info))
+    return _ACTIVE["studio"]
+
+
+def user_error(err: Exception) -> gr.Error:
+    return gr.Error(str(err))
+
+
+def concept_names(request: gr.Request | None) -> list[str]:
+    try:
+        return studio(request).names
+    except USER_ERRORS:
+        return []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learn
+
+
+@spaces.GPU(duration=300)
+def learn(files, name, class_word, kind, steps, seed, replace, request: gr.Request = None,
+          progress=gr.Progress(track_tqdm=True)):
+    if not files:
+        raise gr.Error("No photos: upload 3–10 photos of your concept.")
+    if not 3 <= len(files) <= 10:
+        raise gr.Error(f"{len(files)} photos: upload between 3 and 10 photos of your concept.")
+    key = library_path(request).name
+    cancel = _CANCEL.setdefault(key, threading.Event())
+    cancel.clear()
+    losses = []
+
+    def report(step, terms):
+        losses.append({"step": step, "loss": terms["diffusion"]})
+        progress(step / int(steps), desc=f"step {step}/{int(steps)} · loss {terms['diffusion']:.4f}")
+
+    try:
+        s = studio(request)
+        result = s.learn(name.strip(), [f if isinstance(f, str) else f.name for f in files], class_word, kind,
+                         replace=replace, steps=int(steps), seed=int(seed), progress=report, cancel=cancel.is_set)
+    except USER_ERRORS as err:
+        raise user_error(err) from err
+    import pandas as pd
+
+    plot = pd.DataFrame(losses or [{"step": 0, "loss": 0.0}])
+    if result.cancelled:
+        return f"Stopped after {result.steps_done} steps; the library is unchanged.", plot, []
+    samples = [(im, s.probe_prompt(name)) for im in s.generate(s.probe_prompt(name), num_images=2)]
+    for old in [n for n in s.names if n != name][-2:]:  # a quick look at two earlier concepts
+        samples.append((s.generate(s.probe_prompt(old))[0], f"earlier: {s.probe_prompt(old)}"))
+    message = f"Learned <{name}> in {result.seconds:.0f} s. Write `<{name}>` in a prompt to use it."
+    return message, plot, samples
+
+
+def stop(request: gr.Request = None):
+    _CANCEL.setdefault(library_path(request).name, threading.Event()).set()
+    return "Stopping after the current step…"
+
+
+def build_learn_tab():
+    with gr.Row():
+        with gr.Column():
+            files = gr.File(label="3–10 photos of your concept", file_count="multiple", file_types=["image"])
+            name = gr.Textbox(label="Name (written <name> in prompts)", placeholder="my-dog")
+            class_word = gr.Textbox(label="What is it? (class word)", placeholder="dog, mug, star, style…")
+            kind = gr.Radio(["object", "style"], value="object", label="Kind")
+            steps = gr.Slider(10, 1000, value=300, step=10, label="Training steps (paper: 800)")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+            replace = gr.Checkbox(label="Replace a concept of the same name", value=False)
+            with gr.Row():
+                train = gr.Button("Learn", variant="primary")
+                halt = gr.Button("Stop")
+        with gr.Column():
+            status = gr.Markdown()
+            plot = gr.LinePlot(x="step", y="loss", label="Diffusion loss")
+            samples = gr.Gallery(label="The new concept, and two earlier ones", columns=4)
+    train.click(learn, [files, name, class_word, kind, steps, seed, replace], [status, plot, samples],
+                api_name="learn", concurrency_id="gpu")
+    halt.click(stop, None, status, api_name="stop")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generate
+
+
+@spaces.GPU(duration=60)
+def generate(prompt, negative, num_images, steps, guidance, seed, request: gr.Request = None):
+    try:
+        images = studio(request).generate(prompt, negative, num_images=int(num_images), steps=int(steps),
+                                          guidance=float(guidance), seed=int(seed))
+    except USER_ERRORS as err:
+        raise user_error(err) from err
+    return images
 
 
 def build_generate_tab():
     with gr.Row():
         with gr.Column():
-            prompt = gr.Textbox(label="Prompt", value="a photo of a red star on a beach")
-            seed = gr.Number(label="Seed", value=0, precision=0)
+            prompt = gr.Textbox(label="Prompt (name your concepts as <name>)", value="a photo of a red star on a beach")
+            negative = gr.Textbox(label="Negative prompt", value="")
+            num_images = gr.Slider(1, 8, value=4, step=1, label="Images")
             steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
             guidance = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance")
+            seed = gr.Number(label="Seed", value=0, precision=0)
             button = gr.Button("Generate", variant="primary")
-        image = gr.Image(label="Image", type="pil")
-    gr.on([prompt.submit, button.click], generate, inputs=[prompt, seed, steps, guidance], outputs=image,
+        gallery = gr.Gallery(label="Images", columns=4)
+    gr.on([prompt.submit, button.click], generate, [prompt, negative, num_images, steps, guidance, seed], gallery,
           api_name="generate", concurrency_id="gpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compose
+
+
+def blank_canvas(request: gr.Request = None):
+    """An empty canvas of the output size whose box labels are the session's concepts."""
+    size = base()[1].resolution
+    names = concept_names(request)
+    return image_annotator(value={"image": Image.new("RGB", (size, size), (235, 235, 235)), "boxes": []},
+                           label_list=names or ["(learn a concept first)"])
+
+
+@spaces.GPU(duration=120)
+def compose(annotation, prompt, box_prompts, steps, guidance, seed, request: gr.Request = None):
+    boxes = (annotation or {}).get("boxes") or []
+    if not boxes:
+        raise gr.Error("No boxes: draw a box on the canvas for each concept, and pick its label.")
+    overrides = [line.strip() for line in (box_prompts or "").splitlines()]
+    regions = []
+    for i, b in enumerate(boxes):
+        label = b.get("label") or ""
+        text = overrides[i] if i < len(overrides) and overrides[i] else (f"a photo of a <{label}>" if label else "")
+        regions.append(((b["xmin"], b["ymin"], b["xmax"], b["ymax"]), text))
+    try:
+        image = studio(request).compose(prompt, regions, steps=int(steps), guidance=float(guidance),
+                                        seed=int(seed))[0]
+    except USER_ERRORS as err:
+        raise user_error(err) from err
+    return image, (image, [((int(b["xmin"]), int(b["ymin"]), int(b["xmax"]), int(b["ymax"])), r[1])
+                           for b, r in zip(boxes, regions)])
+
+
+def build_compose_tab():
+    with gr.Row():
+        with gr.Column():
+            canvas = image_annotator(label="Draw a box per concept; its label is the concept", label_list=[],
+                                     image_type="pil")
+            fresh = gr.Button("New canvas (with your latest concepts)")
+            prompt = gr.Textbox(label="Global prompt (the whole scene)", value="a photo on a beach")
+            box_prompts = gr.Textbox(label="Box prompts, one line per box (default: 'a photo of a <label>')",
+                                     lines=3)
+            steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+            guidance = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance")
+            seed = gr.Number(label="Seed", value=0, precision=0)
+            button = gr.Button("Compose", variant="primary")
+        with gr.Column():
+            image = gr.Image(label="Image", type="pil")
+            layout = gr.AnnotatedImage(label="Boxes over the image")
+    button.click(compose, [canvas, prompt, box_prompts, steps, guidance, seed], [image, layout], api_name="compose",
+                 concurrency_id="gpu")
+    fresh.click(blank_canvas, None, canvas, api_name="canvas")
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forgetting
+
+
+def forgetting(request: gr.Request = None):
+    s = studio(request)
+    scores = s.forgetting()
+    rows = [[f"<{n}>", *[scores.get(t, {}).get(n, "") for t in sorted(scores)]] for n in s.names]
+    images = []
+    root = s.library.root / "forgetting"
+    for t in sorted(scores):
+        for n in s.names:
+            f = root / f"after-{t:02d}" / f"{n}-0.png"
+            if f.exists():
+                images.append((str(f), f"<{n}> after task {t}"))
+    header = ["concept", *[f"after task {t}" for t in sorted(scores)]]
+    return gr.update(value=rows, headers=header), images
+
+
+def build_forgetting_tab():
+    gr.Markdown("Every learned concept is re-generated (fixed prompt and seed) after each new task. IA is the image "
+                "similarity to its own photos (×100): a falling row means forgetting.")
+    refresh = gr.Button("Refresh")
+    table = gr.Dataframe(label="IA after each task", interactive=False)
+    grid = gr.Gallery(label="Concept × after task", columns=6)
+    refresh.click(forgetting, None, [table, grid], api_name="forgetting")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Library
+
+
+def library_view(request: gr.Request = None):
+    s = studio(request)
+    rows = [[n, r["class_word"], r["kind"], r["task"], r["created"], r.get("seconds", "")]
+            for n, r in ((n, s.library.record(n)) for n in s.names)]
+    images = [(str(p), f"<{n}>") for n in s.names for p in sorted((s.library.concept_dir(n) / "images").glob("*"))[:2]]
+    return rows, images, gr.update(choices=s.names, value=None)
+
+
+@spaces.GPU(duration=30)
+def delete(name, request: gr.Request = None):
+    if not name:
+        raise gr.Error("Pick a concept to delete.")
+    try:
+        studio(request).delete(name)
+    except USER_ERRORS as err:
+        raise user_error(err) from err
+    return library_view(request)
+
+
+def download(request: gr.Request = None):
+    root = studio(request).library.root
+    if not (root / "library.json").exists():
+        raise gr.Error("The library is empty: learn a concept first.")
+    archive = shutil.make_archive(str(Path(tempfile.mkdtemp()) / "cidm-library"), "zip", root)
+    return archive
+
+
+def push(repo_id, private, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None):
+    from cidm.hub import push_library
+
+    token = oauth_token.token if oauth_token is not None else os.environ.get("HF_TOKEN")
+    try:
+        url = push_library(studio(request).library.root, repo_id.strip(), token, private=private)
+    except USER_ERRORS as err:
+        raise user_error(err) from err
+    return f"Pushed to {url}"
+
+
+def build_library_tab():
+    refresh = gr.Button("Refresh")
+    table = gr.Dataframe(headers=["name", "class word", "kind", "task", "created", "seconds"], interactive=False)
+    images = gr.Gallery(label="Reference photos", columns=6)
+    with gr.Row():
+        name = gr.Dropdown(label="Concept", choices=[])
+        remove = gr.Button("Delete", variant="stop")
+        zipped = gr.DownloadButton("Download the library (zip)")
+    with gr.Row():
+        if ON_SPACE:  # the login button breaks construction off a Space
+            gr.LoginButton()
+        repo = gr.Textbox(label="Hub repo id", placeholder="your-name/my-concepts")
+        private = gr.Checkbox(label="Private", value=True)
+        upload = gr.Button("Push to the Hub")
+    status = gr.Markdown()
+    refresh.click(library_view, None, [table, images, name], api_name="library")
+    remove.click(delete, name, [table, images, name], api_name="delete", concurrency_id="gpu")
+    zipped.click(download, None, zipped, api_name="download")
+    upload.click(push, [repo, private], status, api_name="push")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def build_app() -> gr.Blocks:
@@ -52,6 +311,15 @@ def build_app() -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Generate"):
                 build_generate_tab()
+            with gr.Tab("Learn a concept"):
+                build_learn_tab()
+            with gr.Tab("Compose"):
+                canvas = build_compose_tab()
+            with gr.Tab("Forgetting"):
+                build_forgetting_tab()
+            with gr.Tab("Library"):
+                build_library_tab()
+        demo.load(blank_canvas, None, canvas)
     demo.queue(max_size=16, default_concurrency_limit=1)
     return demo
 

@@ -30,3 +30,36 @@ def concept_card(name: str, class_word: str, kind: str, base_model: str) -> Mode
                          instance_prompt=prompt)
     return ModelCard.from_template(data, template_str=CARD_TEMPLATE, name=name, kind=kind, class_word=class_word,
                                    base_model=base_model, instance_prompt=prompt)
+
+
+def push_library(root, repo_id: str, token: str, private: bool = True, api=None) -> str:
+    """Upload a whole library (manifest + concept folders) as one model repo; returns its URL."""
+    from pathlib import Path
+
+    from huggingface_hub import HfApi
+
+    root = Path(root)
+    if not (root / "library.json").is_file():
+        raise ValueError(f"{root} holds no library.json: learn a concept first")
+    if not token:
+        raise ValueError("no Hugging Face token: sign in with the Hugging Face button (on a Space) or set HF_TOKEN")
+    if "/" not in repo_id or repo_id.count("/") != 1:
+        raise ValueError(f"repo id {repo_id!r} should look like 'your-name/my-concepts'")
+    api = api or HfApi(token=token)
+    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    card = ModelCard.from_template(
+        ModelCardData(tags=["text-to-image", "diffusers", "lora", "cidm"], library_name="diffusers"),
+        template_str="---\n{{ card_data }}\n---\n\n# A CIDM concept library\n\nConcepts learned one after another "
+                     "with CIDM Studio; each folder holds a diffusers LoRA, layer-wise tokens and a model card.\n")
+    card.save(root / "README.md")
+    api.upload_folder(repo_id=repo_id, folder_path=str(root), repo_type="model",
+                      ignore_patterns=[".staging-*", ".trash-*", "*.tmp"],
+                      commit_message="Update CIDM concept library")
+    return str(url)
+
+
+def pull_library(repo_id: str, dest, token: str | None = None) -> str:
+    """Download a library pushed with `push_library` into `dest`."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, repo_type="model", local_dir=str(dest), token=token)

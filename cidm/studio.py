@@ -112,7 +112,60 @@ class Studio:
             except BaseException:
                 self._reload()
                 raise
+        if self.record_forgetting:
+            self.regenerate_all()
         return result
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forgetting, shown
+
+    record_forgetting = True  # after each task, re-generate every concept (fixed prompt and seed) and score it
+
+    def probe_prompt(self, name: str) -> str:
+        rec = self.library.record(name)
+        return f"a photo of a <{name}>" if rec["kind"] == "object" else f"a photo of a house in <{name}> style"
+
+    def evaluator(self):
+        """The IA evaluator for this base, or None where it cannot be loaded (e.g. offline without a local one)."""
+        if not hasattr(self, "_evaluator"):
+            from .metrics import Evaluator
+            from .models import BaseModelError
+
+            try:
+                self._evaluator = Evaluator(self.info.evaluator, str(self.pipe.device))
+            except (BaseModelError, OSError):
+                self._evaluator = None
+        return self._evaluator
+
+    def regenerate_all(self, seeds: tuple[int, ...] = (0, 1), steps: int = 25) -> dict:
+        """Images of every learned concept after the latest task, stored under `forgetting/after-<t>/`, with IA."""
+        from PIL import Image
+
+        from .metrics import image_alignment
+
+        t = len(self.library)
+        folder = self.library.root / "forgetting" / f"after-{t:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        evaluator = self.evaluator()
+        scores = {}
+        for name in self.names:
+            images = [self.generate(self.probe_prompt(name), seed=s, steps=steps)[0] for s in seeds]
+            for s, im in zip(seeds, images):
+                im.save(folder / f"{name}-{s}.png")
+            if evaluator is not None:
+                refs = [Image.open(p).convert("RGB") for p in
+                        sorted((self.library.concept_dir(name) / "images").glob("*.png"))]
+                scores[name] = round(image_alignment(evaluator, images, refs), 2)
+        (folder / "scores.json").write_text(json.dumps({"after_task": t, "ia": scores}, indent=1))
+        return scores
+
+    def forgetting(self) -> dict:
+        """{after_task: {concept: IA}} from what was stored as tasks were learned."""
+        out = {}
+        for f in sorted((self.library.root / "forgetting").glob("after-*/scores.json")):
+            data = json.loads(f.read_text())
+            out[data["after_task"]] = data["ia"]
+        return out
 
     def _forget(self, name: str) -> None:
         self.tokens.remove(name)

@@ -61,12 +61,17 @@ class ConceptTokens:
     def __init__(self, pipe, n_layers: int):
         self.pipe = pipe
         self.n_layers = n_layers
-        self.base_tokenizer = copy.deepcopy(pipe.tokenizer)
         embedding = pipe.text_encoder.get_input_embeddings()
-        if not isinstance(embedding, ConceptEmbedding):
+        if not isinstance(embedding, ConceptEmbedding):  # first use of this pipeline: keep its pristine tokenizer
             embedding = ConceptEmbedding(embedding)
+            embedding.base_tokenizer = copy.deepcopy(pipe.tokenizer)
             pipe.text_encoder.set_input_embeddings(embedding)
         self.embedding = embedding
+        self.base_tokenizer = embedding.base_tokenizer
+        # a pipeline shared by several libraries (one per app session): start from the base vocabulary
+        pipe.tokenizer = copy.deepcopy(self.base_tokenizer)
+        embedding.concepts = nn.ParameterDict()
+        embedding.first_id.clear()
         self.slots: dict[str, int] = {}  # name -> n_slots
 
     @property

@@ -1,7 +1,12 @@
+"""The app: it serves its page, and every tab's handler works end to end on a tiny model (errors are gr.Error)."""
+
 import socket
 import urllib.request
 
 import pytest
+from PIL import Image
+
+from cidm.toyworld import concepts as C
 
 
 def free_port() -> int:
@@ -10,13 +15,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def no_progress(*args, **kwargs):
+    return None
+
+
 @pytest.fixture
-def app(tiny_model_dir, monkeypatch):
+def app(tiny_model_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("CIDM_BASE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("CIDM_LIBRARY", str(tmp_path / "library"))
     import app as app_module
 
     app_module._BASE.clear()
+    app_module._ACTIVE.clear()
     return app_module
+
+
+def photos(tmp_path, name, n=4):
+    paths = []
+    for i, img in enumerate(C.reference_images(name, n=n)[0]):
+        paths.append(str(tmp_path / f"{name}-{i}.png"))
+        Image.fromarray(img).save(paths[-1])
+    return paths
 
 
 def test_app_serves_its_page(app):
@@ -31,13 +50,72 @@ def test_app_serves_its_page(app):
         demo.close()
 
 
-def test_generate_returns_an_image_of_the_model_size(app):
-    image = app.generate("a photo of a red star on a beach", seed=0, steps=2, guidance=5.0)
-    assert image.size == (64, 64)
+def test_generate_returns_images_of_the_model_size(app):
+    images = app.generate("a photo of a red star on a beach", "", 2, 2, 5.0, 0)
+    assert len(images) == 2 and images[0].size == (64, 64)
 
 
-def test_empty_prompt_is_a_clear_error(app):
+def test_bad_input_is_a_clear_error_and_not_a_traceback(app):
     import gradio as gr
 
     with pytest.raises(gr.Error, match="prompt is empty"):
-        app.generate("   ", seed=0, steps=2, guidance=5.0)
+        app.generate("   ", "", 1, 2, 5.0, 0)
+    with pytest.raises(gr.Error, match="unknown concept <dog>"):
+        app.generate("a <dog>", "", 1, 2, 5.0, 0)
+    with pytest.raises(gr.Error, match="between 3 and 10 photos"):
+        app.learn(["a.png"], "x", "dog", "object", 5, 0, False, progress=no_progress)
+
+
+def test_learn_then_use_compose_forget_and_manage_the_library(app, tmp_path):
+    import gradio as gr
+
+    status, plot, samples = app.learn(photos(tmp_path, "medic"), "medic", "square", "object", 4, 0, False,
+                                      progress=no_progress)
+    assert "Learned <medic>" in status and len(plot) == 4 and len(samples) == 2
+    status, _, samples = app.learn(photos(tmp_path, "bolt"), "bolt", "triangle", "object", 4, 0, False,
+                                   progress=no_progress)
+    assert len(samples) == 3  # two of the new concept, one earlier concept
+    with pytest.raises(gr.Error, match="already exists"):
+        app.learn(photos(tmp_path, "bolt"), "bolt", "triangle", "object", 4, 0, False, progress=no_progress)
+    with pytest.raises(gr.Error, match="not allowed"):
+        app.learn(photos(tmp_path, "bolt"), "../x", "triangle", "object", 4, 0, False, progress=no_progress)
+
+    image, (_, boxes) = app.compose({"boxes": [{"xmin": 0, "ymin": 0, "xmax": 32, "ymax": 32, "label": "medic"}]},
+                                    "a photo on a beach", "", 2, 5.0, 0)
+    assert image.size == (64, 64) and boxes[0][1] == "a photo of a <medic>"
+    with pytest.raises(gr.Error, match="No boxes"):
+        app.compose({"boxes": []}, "a photo", "", 2, 5.0, 0)
+
+    table, grid = app.forgetting()
+    assert [row[0] for row in table["value"]] == ["<medic>", "<bolt>"]
+    assert len(grid) == 3  # medic after tasks 1 and 2, bolt after task 2
+
+    rows, refs, _ = app.library_view()
+    assert [r[0] for r in rows] == ["medic", "bolt"] and refs
+    archive = app.download()
+    assert archive.endswith(".zip")
+    rows, _, _ = app.delete("bolt")
+    assert [r[0] for r in rows] == ["medic"]
+
+
+def test_push_uses_the_given_token_and_uploads_the_library(app, tmp_path, monkeypatch):
+    from cidm import hub
+
+    app.learn(photos(tmp_path, "medic"), "medic", "square", "object", 2, 0, False, progress=no_progress)
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls["create"] = (repo_id, kw["private"])
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kw):
+            calls["upload"] = kw
+
+    root = app.studio(None).library.root
+    url = hub.push_library(root, "me/my-concepts", token="hf_test", api=FakeApi())
+    assert url.endswith("me/my-concepts") and calls["create"] == ("me/my-concepts", True)
+    assert calls["upload"]["folder_path"] == str(root)
+    assert (root / "README.md").read_text().count("cidm") >= 1
+    with pytest.raises(ValueError, match="no Hugging Face token"):
+        hub.push_library(root, "me/my-concepts", token="")
