@@ -32,3 +32,33 @@ def test_bad_base_model_is_a_clear_error_not_a_traceback(tmp_path):
     out = run("info", "--load", "--base-model", str(tmp_path / "missing"))
     assert out.returncode == 2
     assert "no local folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_learn_generate_and_compose_from_the_command_line(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    from cidm.toyworld import concepts as C
+
+    paths = []
+    for i, img in enumerate(C.reference_images("medic", n=3)[0]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(img).save(paths[-1])
+    env = {"CIDM_BASE_MODEL": str(tiny_model_dir), "OMP_NUM_THREADS": "1"}
+    lib = str(tmp_path / "lib")
+    out = run("learn", "--library", lib, "--name", "medic", "--class-word", "square", "--steps", "2",
+              "--images", *paths, **env)
+    assert out.returncode == 0, out.stderr
+    assert "learned <medic>" in out.stdout
+    out = run("generate", "--library", lib, "--prompt", "a photo of a <medic>", "--steps", "2", "--num-images", "2",
+              "--out", str(tmp_path / "g.png"), **env)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "g-1.png").size == (64, 64)
+    out = run("compose", "--library", lib, "--prompt", "a photo on a beach", "--region", "0,0,32,64:a <medic>",
+              "--steps", "2", "--out", str(tmp_path / "c.png"), **env)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "c.png").is_file()
+    out = run("compose", "--library", lib, "--prompt", "a photo", "--region", "0,0,32:a <medic>",
+              "--out", str(tmp_path / "bad.png"), **env)
+    assert out.returncode == 2 and "x0,y0,x1,y1:prompt" in out.stderr
+    out = run("generate", "--library", lib, "--prompt", "a <nope>", "--out", str(tmp_path / "n.png"), **env)
+    assert out.returncode == 2 and "known concepts: <medic>" in out.stderr
