@@ -210,6 +210,13 @@ class Studio:
                        GenerateConfig(**settings), alpha=alpha, region_noise=region_noise, callback=callback)
 
 
+    def edit(self, image, box, prompt: str, negative_prompt: str = "", strength: float = 0.8, **settings):
+        from .regions import edit
+
+        return edit(self.pipe, self.tokens, self.loras, image, box, prompt, negative_prompt, strength,
+                    GenerateConfig(**settings))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # files
 

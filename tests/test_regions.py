@@ -91,3 +91,16 @@ def test_compose_refuses_bad_requests_with_clear_messages(studio):
         studio.compose("a photo", [(box, "a <cat>")], steps=1)
     with pytest.raises(ValueError, match="global prompt is empty"):
         studio.compose("", [(box, "a <medic>")], steps=1)
+
+
+def test_edit_changes_only_the_box(studio):
+    from cidm.toyworld import world as W
+
+    original = W.render(W.random_scene(3, two_object_prob=0.0))
+    edited = np.asarray(studio.edit(original, (0, 0, 32, 32), "a photo of a <medic>", strength=1.0, steps=3))
+    outside = np.ones((64, 64), bool)
+    outside[:32, :32] = False
+    np.testing.assert_array_equal(edited[outside], original[outside])
+    assert np.abs(edited.astype(int) - original)[:32, :32].mean() > 1.0  # the box was regenerated
+    with pytest.raises(ValueError, match="strength"):
+        studio.edit(original, (0, 0, 32, 32), "a <medic>", strength=0.0)
