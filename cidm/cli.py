@@ -118,10 +118,15 @@ def cmd_compose(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import EXAMPLES, run_core_bench
+    from .bench import EXAMPLES, run_compose_bench, run_core_bench
 
+    if args.compose:
+        library = Path(args.library or Path(args.out) / "library")
+        run_compose_bench(Path(args.out), library, base_model=args.base, layouts=args.layouts, seed=args.seed)
+        return 0
     if not args.core:
-        raise ValueError("choose a benchmark: --core (CIDM's learning, IA, EWA routing and cost)")
+        raise ValueError("choose a benchmark: --core (learning, IA, EWA routing and cost) or --compose "
+                         "(concept neglect in boxes, cost of regions)")
     run_core_bench(Path(args.out), base_model=args.base, concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks,
                    steps=args.steps, prompts=args.prompts, seeds=args.seeds, seed=args.seed)
     return 0
@@ -181,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, printed as tables")
     p.add_argument("--out", required=True, help="an empty folder for the library, samples and results")
     p.add_argument("--core", action="store_true", help="learning time, IA vs base, EWA routing and cost")
+    p.add_argument("--compose", action="store_true", help="concept neglect in boxes and the cost of regions")
+    p.add_argument("--library", help="--compose: a library to use (default: OUT/library from a --core run)")
+    p.add_argument("--layouts", type=int, default=50, help="--compose: random layouts per number of boxes")
     p.add_argument("--concepts", help="a concept set in the examples/concepts format (default: the toy world's)")
     p.add_argument("--tasks", type=int, default=10)
     p.add_argument("--steps", type=int, default=300, help="training steps per task")
