@@ -19,6 +19,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from cidm import models
+from cidm.bench import EXAMPLES
 from cidm.library import LibraryError
 from cidm.studio import Studio
 
@@ -122,6 +123,13 @@ def build_learn_tab():
             status = gr.Markdown()
             plot = gr.LinePlot(x="step", y="loss", label="Diffusion loss")
             samples = gr.Gallery(label="The new concept, and two earlier ones", columns=4)
+    if (EXAMPLES / "concepts.json").exists():  # the toy world's concepts, one click each
+        import json
+
+        spec = json.loads((EXAMPLES / "concepts.json").read_text())
+        rows = [[[str(EXAMPLES / f) for f in c["images"]], n, c["class_word"], c["kind"]]
+                for n, c in spec["concepts"].items() if n in spec["standard_sequence"]]
+        gr.Examples(rows, [files, name, class_word, kind], label="Toy-world concepts (the standard sequence)")
     train.click(learn, [files, name, class_word, kind, steps, seed, replace], [status, plot, samples],
                 api_name="learn", concurrency_id="gpu")
     halt.click(stop, None, status, api_name="stop")
@@ -207,7 +215,30 @@ def build_compose_tab():
     button.click(compose, [canvas, prompt, box_prompts, steps, guidance, seed], [image, layout], api_name="compose",
                  concurrency_id="gpu")
     fresh.click(blank_canvas, None, canvas, api_name="canvas")
+    with gr.Accordion("Edit inside a box of your own image", open=False):
+        with gr.Row():
+            with gr.Column():
+                source = gr.Image(label="Image", type="pil")
+                box = gr.Textbox(label="Box x0,y0,x1,y1 (pixels, or 0–1)", value="0,0,0.5,0.5")
+                edit_prompt = gr.Textbox(label="What goes in the box", placeholder="a photo of a <name>")
+                strength = gr.Slider(0.1, 1.0, value=0.8, step=0.05, label="Strength")
+                edit_button = gr.Button("Edit")
+            edited = gr.Image(label="Edited", type="pil")
+    edit_button.click(edit, [source, box, edit_prompt, strength, steps, guidance, seed], edited, api_name="edit",
+                      concurrency_id="gpu")
     return canvas
+
+
+@spaces.GPU(duration=60)
+def edit(image, box, prompt, strength, steps, guidance, seed, request: gr.Request = None):
+    if image is None:
+        raise gr.Error("No image: upload the image to edit.")
+    try:
+        coords = tuple(float(v) for v in box.split(","))
+        return studio(request).edit(image, coords, prompt, strength=float(strength), steps=int(steps),
+                                    guidance=float(guidance), seed=int(seed))
+    except USER_ERRORS as err:
+        raise user_error(err) from err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,6 +339,10 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title="CIDM Studio") as demo:
         gr.Markdown("# CIDM Studio\nLearn your own concepts one after another without forgetting the earlier ones, "
                     f"and compose them where you draw boxes. Base model: `{models.default_model()}`.")
+        if ON_SPACE:
+            gr.Markdown("Your concepts and photos stay in your browser session. For a private library that persists, "
+                        "and a GPU, duplicate this Space.")
+            gr.DuplicateButton()
         with gr.Tabs():
             with gr.Tab("Generate"):
                 build_generate_tab()

@@ -119,3 +119,16 @@ def test_push_uses_the_given_token_and_uploads_the_library(app, tmp_path, monkey
     assert (root / "README.md").read_text().count("cidm") >= 1
     with pytest.raises(ValueError, match="no Hugging Face token"):
         hub.push_library(root, "me/my-concepts", token="")
+
+
+def test_edit_tab_keeps_pixels_outside_the_box(app, tmp_path):
+    import numpy as np
+
+    import gradio as gr
+    from cidm.toyworld import world as W
+
+    original = Image.fromarray(W.render(W.random_scene(5, two_object_prob=0.0)))
+    edited = np.asarray(app.edit(original, "32,32,64,64", "a photo of a red star", 1.0, 2, 5.0, 0))
+    np.testing.assert_array_equal(edited[:32], np.asarray(original)[:32])
+    with pytest.raises(gr.Error, match="No image"):
+        app.edit(None, "0,0,1,1", "x", 0.5, 2, 5.0, 0)
