@@ -38,6 +38,7 @@ class ToyTrainConfig:
     vae_finetune_lr: float = 5e-4
     # evaluator (CLIP), whose text tower is also the frozen text encoder of the diffusion model (as in SD)
     clip_minutes: float = 10.0
+    clip_extra_minutes: float = 14.0  # a continuation from the saved evaluator, with probes (shapes come last)
     clip_batch: int = 128
     clip_lr: float = 1e-3
     # latent cache
@@ -49,6 +50,8 @@ class ToyTrainConfig:
     unet_warmup: int = 300
     unet_total_steps: int = 24_000  # the cosine schedule's length across all resumed runs
     unet_min_lr_ratio: float = 0.1
+    train_text_encoder: bool = True  # from the evaluator's text tower, trained jointly (the evaluator keeps its own)
+    text_encoder_lr: float = 2e-4
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023) speeds up convergence
     uncond_prob: float = 0.1  # empty captions for classifier-free guidance
     ema_decay: float = 0.999
@@ -216,10 +219,12 @@ def train_vae(cfg: ToyTrainConfig, out: Path, vae=None, lr: float | None = None,
 
 def dropout_caption(scene: W.Scene, rng: np.random.Generator) -> tuple[str, dict]:
     """A caption naming a random subset of the scene's attributes, and that subset (for multi-positive targets)."""
-    if len(scene.objects) > 1 or rng.random() < 0.3:
+    if len(scene.objects) > 1 or rng.random() < 0.25:
         return scene.caption, {"full": scene.caption}
     shape, colour, style = scene.objects[0]
     keep = {k: rng.random() < 0.6 for k in ("shape", "colour", "style", "context")}
+    if rng.random() < 0.3:  # shape-only captions: the contrastive signal that separates shapes
+        keep = {"shape": True, "colour": False, "style": False, "context": False}
     attrs = {"shape": shape if keep["shape"] else None, "colour": colour if keep["colour"] else None,
              "style": style if keep["style"] else None, "context": scene.context if keep["context"] else None}
     noun = " ".join(w for w in (attrs["style"], attrs["colour"], attrs["shape"] or "thing") if w)
@@ -239,14 +244,24 @@ def caption_matches(attrs: dict, scene: W.Scene) -> bool:
                                                 (attrs["style"], style), (attrs["context"], scene.context)))
 
 
-def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer):
-    clip = make_clip(tokenizer)
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
-    rng = np.random.default_rng(cfg.seed + 2)
-    t0, step, budget = time.time(), 0, cfg.clip_minutes * 60
+def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer, clip=None, minutes: float | None = None,
+               lr: float | None = None):
+    """Train the evaluator from scratch, or continue `clip` for `minutes` more."""
+    clip = clip.train() if clip is not None else make_clip(tokenizer)
+    base_lr = lr or cfg.clip_lr
+    # auxiliary linear probes on the image embedding (discarded after training): a ViT from scratch learns colour
+    # and context from the contrastive loss in minutes, but shape hardly at all without a direct signal
+    contexts = list(W.CONTEXTS) + [f"bg:{c}" for c in W.COLOURS]
+    dim = clip.config.projection_dim
+    probes = torch.nn.ModuleDict({"shape": torch.nn.Linear(dim, len(W.SHAPES)),
+                                  "colour": torch.nn.Linear(dim, len(W.COLOURS)),
+                                  "context": torch.nn.Linear(dim, len(contexts))})
+    opt = torch.optim.AdamW([*clip.parameters(), *probes.parameters()], lr=base_lr, weight_decay=0.05)
+    rng = np.random.default_rng(cfg.seed + 2 + (0 if minutes is None else 7))
+    t0, step, budget = time.time(), 0, (minutes or cfg.clip_minutes) * 60
     est_total = int(budget * 2.0)
     while time.time() - t0 < budget:
-        lr = cosine_lr(step, cfg.clip_lr, 100, est_total, 0.02)
+        lr = cosine_lr(step, base_lr, 100, est_total, 0.02)
         for g in opt.param_groups:
             g["lr"] = lr
         images, _, scenes = W.batch(rng.integers(0, 2**31, cfg.clip_batch), two_object_prob=0.1)
@@ -258,13 +273,20 @@ def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer):
         logits = out_.logits_per_image  # (B images, B texts)
         loss = 0.5 * (torch.sum(-F.log_softmax(logits, 1) * match / match.sum(1, keepdim=True), 1).mean()
                       + torch.sum(-F.log_softmax(logits.T, 1) * match.T / match.T.sum(1, keepdim=True), 1).mean())
+        single = [s for s in scenes if len(s.objects) == 1]
+        keep = torch.tensor([len(s.objects) == 1 for s in scenes])
+        labels = {"shape": [W.SHAPES.index(s.objects[0][0]) for s in single],
+                  "colour": [list(W.COLOURS).index(s.objects[0][1]) for s in single],
+                  "context": [contexts.index(s.context) for s in single]}
+        feats = out_.image_embeds[keep] * 10.0  # unit vectors, scaled
+        loss = loss + sum(F.cross_entropy(probes[k](feats), torch.tensor(v)) for k, v in labels.items())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if step == 30:
-            est_total = int(budget / ((time.time() - t0) / 30))
+        if step in (30, 200):  # re-estimate the schedule's length from the measured speed
+            est_total = int(step + (budget - (time.time() - t0)) / ((time.time() - t0) / step))
         if step % 200 == 0:
             clip.eval()
             acc = quality.evaluator_accuracy(clip, tokenizer, n=200, seed=quality.HELD_OUT_SEED + 500)
@@ -337,22 +359,31 @@ def train_unet(cfg: ToyTrainConfig, out: Path, model_dir: Path, vae, text_encode
     n = len(cache["ids"])
     state_path = out / "state" / "unet.pt"
     unet = make_unet()
-    ema = None
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    ema, ema_te = None, None
+    groups = [{"params": list(unet.parameters()), "lr": cfg.unet_lr}]
+    if cfg.train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_encoder_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
     step, best = 0, {"score": -1.0}
     if state_path.exists():
         state = torch.load(state_path)
         unet.load_state_dict(state["unet"])
+        if state.get("text_encoder") is not None:
+            text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
         if state["ema"] is not None:
             ema = make_unet()
             ema.load_state_dict(state["ema"])
+            ema_te = copy.deepcopy(text_encoder).eval().requires_grad_(False)
+            if state.get("ema_text_encoder") is not None:
+                ema_te.load_state_dict(state["ema_text_encoder"])
         step, best = state["step"], state["best"]
         log(out, stage="unet", resumed_from=str(state_path), step=step)
     elif resume_from is not None:  # weights only (a shipped model folder): fresh optimizer, schedule continues
         shipped = UNet2DConditionModel.from_pretrained(resume_from / "unet")
         unet.load_state_dict(shipped.state_dict())
-        ema = copy.deepcopy(unet)
+        ema, ema_te = copy.deepcopy(unet), copy.deepcopy(text_encoder).eval().requires_grad_(False)
         info = json.loads((resume_from / "training.json").read_text())
         step, best = info["unet"]["steps"], info["unet"]["best"]
         log(out, stage="unet", resumed_from=str(resume_from), step=step)
@@ -363,15 +394,15 @@ def train_unet(cfg: ToyTrainConfig, out: Path, model_dir: Path, vae, text_encode
     unet.train()
     while time.time() - t0 < budget:
         lr = cosine_lr(step, cfg.unet_lr, cfg.unet_warmup, cfg.unet_total_steps, cfg.unet_min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        for g, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_encoder_lr)):
+            g["lr"] = lr * base / cfg.unet_lr
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=rng)
         z0 = (cache["mean"][idx].float() + cache["std"][idx].float() * torch.randn(
             cache["mean"][idx].shape, generator=rng)) * vae.config.scaling_factor
         ids = cache["ids"][idx].long()
         drop = torch.rand(cfg.unet_batch, generator=rng) < cfg.uncond_prob
         ids[drop] = empty_ids
-        with torch.no_grad():
+        with torch.set_grad_enabled(cfg.train_text_encoder):
             cond = text_encoder(ids)[0]
         noise = torch.randn(z0.shape, generator=rng)
         t = torch.randint(0, ddpm.config.num_train_timesteps, (cfg.unet_batch,), generator=rng)
@@ -380,25 +411,28 @@ def train_unet(cfg: ToyTrainConfig, out: Path, model_dir: Path, vae, text_encode
         w = min_snr_weights(ddpm, t, cfg.min_snr_gamma)
         loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         losses.append(loss.item())
         if step == cfg.ema_start or (ema is None and step > cfg.ema_start):
-            ema = copy.deepcopy(unet)
+            ema, ema_te = copy.deepcopy(unet), copy.deepcopy(text_encoder).eval().requires_grad_(False)
         elif ema is not None:
             with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters()):
+                for pe, p in [*zip(ema.parameters(), unet.parameters()),
+                              *zip(ema_te.parameters(), text_encoder.parameters())]:
                     pe.lerp_(p, 1 - cfg.ema_decay)
         if step % 100 == 0:
             log(out, stage="unet", step=step, loss=round(float(np.mean(losses)), 5), lr=round(lr, 7),
                 steps_per_s=round(len(losses) / (time.time() - t_log), 2))
             losses, t_log = [], time.time()
         if step % cfg.eval_every == 0:
-            best = gate_checkpoint(cfg, out, model_dir, unet, ema, vae, text_encoder, tokenizer, ddim, clip, step,
-                                   best)
+            best = gate_checkpoint(cfg, out, model_dir, (unet, text_encoder), (ema, ema_te), vae, tokenizer, ddim,
+                                   clip, step, best)
             torch.save({"unet": unet.state_dict(), "optimizer": opt.state_dict(),
+                        "text_encoder": text_encoder.state_dict() if cfg.train_text_encoder else None,
+                        "ema_text_encoder": ema_te.state_dict() if ema_te is not None else None,
                         "ema": ema.state_dict() if ema is not None else None, "step": step, "best": best},
                        state_path)
             t_eval_end = time.time()
@@ -407,25 +441,29 @@ def train_unet(cfg: ToyTrainConfig, out: Path, model_dir: Path, vae, text_encode
 
 
 @torch.no_grad()
-def gate_checkpoint(cfg, out, model_dir, unet, ema, vae, text_encoder, tokenizer, ddim, clip, step, best):
-    """Measure prompt-following of the raw and EMA weights; ship whichever beats the best so far."""
+def gate_checkpoint(cfg, out, model_dir, raw, ema, vae, tokenizer, ddim, clip, step, best):
+    """Measure prompt-following of the raw and EMA (UNet, text encoder) pairs; ship whichever beats the best."""
     results = {}
-    for name, model in (("raw", unet), ("ema", ema)):
-        if model is None:
+    for name, (unet, text_encoder) in (("raw", raw), ("ema", ema)):
+        if unet is None:
             continue
-        model.eval()
-        pipe = build_pipeline(model, vae, text_encoder, tokenizer, ddim)
+        was_training = unet.training
+        unet.eval()
+        text_encoder.eval()
+        pipe = build_pipeline(unet, vae, text_encoder, tokenizer, ddim)
         pipe.set_progress_bar_config(disable=True)
         acc, images, prompts = quality.generator_accuracy(pipe, clip, tokenizer, n=cfg.eval_prompts,
                                                           batch_size=48)
+        if was_training:
+            unet.train()
+            text_encoder.train()
         score = min(acc["shape"], acc["colour"], acc["context"]) + 0.1 * sum(acc.values())
-        results[name] = (score, acc, images, prompts, model)
+        results[name] = (score, acc, images, pipe)
         log(out, stage="unet", gate=name, step=step, accuracy=acc, score=round(score, 4))
-    unet.train()
-    name, (score, acc, images, prompts, model) = max(results.items(), key=lambda kv: kv[1][0])
+    name, (score, acc, images, pipe) = max(results.items(), key=lambda kv: kv[1][0])
     if score > best["score"]:
         best = {"score": score, "step": step, "weights": name, "accuracy": acc}
-        ship(model_dir, build_pipeline(model, vae, text_encoder, tokenizer, ddim), best)
+        ship(model_dir, pipe, best)
         save_grid(images[:48], out / f"samples_step{step}.png")
         log(out, stage="unet", shipped=step, weights=name, accuracy=acc)
     return best
@@ -444,6 +482,7 @@ def ship(model_dir: Path, pipe, best: dict) -> None:
 def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     from PIL import Image
 
+    cols = max(1, min(cols, len(images)))
     n = len(images) // cols * cols
     h, w = images.shape[1:3]
     grid = images[:n].reshape(-1, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(-1, cols * w, 3)
@@ -498,6 +537,13 @@ def train_all(cfg: ToyTrainConfig, resume_from: str | None = None) -> Path:
         text_encoder_from_clip(clip).save_pretrained(model_dir / "text_encoder")
         info_path.write_text(json.dumps(info, indent=1))
     clip = CLIPModel.from_pretrained(model_dir / "evaluator").eval()
+    if "evaluator_more" not in info and cfg.clip_extra_minutes > 0:
+        clip, info["evaluator_more"] = train_clip(cfg, out, tokenizer, clip, minutes=cfg.clip_extra_minutes,
+                                                  lr=cfg.clip_lr / 2)
+        clip.save_pretrained(model_dir / "evaluator")
+        text_encoder_from_clip(clip).save_pretrained(model_dir / "text_encoder")
+        info_path.write_text(json.dumps(info, indent=1))
+        clip.eval()
     from transformers import CLIPTextModel
     text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder").eval().requires_grad_(False)
 
