@@ -1,0 +1,84 @@
+"""The embedded toy world: shipped models load through the SD code path and do real work; concepts are consistent."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cidm import models
+from cidm.bench import EXAMPLES
+from cidm.toyworld import concepts as C
+from cidm.toyworld import quality
+
+MODEL = models.EMBEDDED_MODEL
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(str(MODEL), safety_checker=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    from transformers import CLIPModel, CLIPTokenizer
+
+    path = models.find_evaluator(str(MODEL))
+    return CLIPModel.from_pretrained(path).eval(), CLIPTokenizer.from_pretrained(path)
+
+
+def test_tokenizer_is_rebuilt_exactly_from_the_world_words():
+    from transformers import CLIPTokenizer
+
+    from cidm.toyworld.train import build_tokenizer
+
+    shipped = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
+    assert build_tokenizer().get_vocab() == shipped.get_vocab()
+    ids = shipped("a photo of a striped orange star in the snow").input_ids
+    assert len(ids) == 11  # one token per word, plus BOS and EOS
+
+
+def test_default_base_without_gpu_is_the_embedded_model(monkeypatch):
+    monkeypatch.delenv("CIDM_BASE_MODEL", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the default is SD-1.5")
+    pipe, info = models.load_base()
+    assert info.source == str(MODEL) and info.num_cross_attn_layers == 7 and info.resolution == 64
+    assert info.evaluator == str((MODEL / "evaluator").resolve())
+
+
+def test_evaluator_reads_world_images(evaluator):
+    acc = quality.evaluator_accuracy(*evaluator, n=96, seed=quality.HELD_OUT_SEED + 77)
+    assert acc["colour"] >= 0.8 and acc["context"] >= 0.8, acc
+
+
+def test_generated_images_follow_their_prompts_above_chance(pipe, evaluator):
+    acc, images, prompts = quality.generator_accuracy(pipe, *evaluator, n=24, steps=10, batch_size=24)
+    assert images.shape == (24, 64, 64, 3)
+    assert acc["colour"] >= 0.4, acc  # chance is 1/8
+
+
+def test_concept_set_follows_the_protocol():
+    spec = json.loads((EXAMPLES / "concepts.json").read_text())
+    assert len(spec["concepts"]) >= 12
+    sequence = spec["standard_sequence"]
+    assert len(sequence) == 10 and not set(sequence) & set(spec["tuning_sequence"])
+    kinds = [spec["concepts"][n]["kind"] for n in sequence]
+    assert [i + 1 for i, k in enumerate(kinds) if k == "style"] == [6, 8, 10]
+    for name, c in spec["concepts"].items():
+        assert 3 <= len(c["images"]) <= 6 and len(c["captions"]) == len(c["images"])
+        assert len(c["eval_prompts"]) == len(c["eval_texts"]) >= 10
+        assert all(f"<{name}>" in p for p in c["eval_prompts"] + c["captions"])
+        assert not any("<" in t for t in c["eval_texts"])
+
+
+def test_concept_images_are_reproduced_exactly_by_the_generator():
+    for name in ("medic", "pixelart"):
+        images, _ = C.reference_images(name)
+        for i, img in enumerate(images):
+            np.testing.assert_array_equal(np.asarray(Image.open(EXAMPLES / name / f"{i}.png")), img)
