@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import spaces
 from gradio_image_annotation import image_annotator
 from PIL import Image
@@ -246,18 +247,22 @@ def edit(image, box, prompt, strength, steps, guidance, seed, request: gr.Reques
 
 
 def forgetting(request: gr.Request = None):
+    from cidm.plots import forgetting_grid, ia_heatmap, ia_lines, ia_matrix
+
     s = studio(request)
     scores = s.forgetting()
-    rows = [[f"<{n}>", *[scores.get(t, {}).get(n, "") for t in sorted(scores)]] for n in s.names]
-    images = []
-    root = s.library.root / "forgetting"
-    for t in sorted(scores):
-        for n in s.names:
-            f = root / f"after-{t:02d}" / f"{n}-0.png"
-            if f.exists():
-                images.append((str(f), f"<{n}> after task {t}"))
-    header = ["concept", *[f"after task {t}" for t in sorted(scores)]]
-    return gr.update(value=rows, headers=header), images
+    tasks = sorted(scores)
+    rows = [[f"<{n}>", *[scores[t].get(n, "") for t in tasks]] for n in s.names]
+    header = ["concept", *[f"after task {t}" for t in tasks]]
+    grid = forgetting_grid(s.library.root, s.names, tasks) if tasks else None
+    has_ia = any(scores[t] for t in tasks)
+    heatmap = ia_heatmap(scores, s.names) if has_ia else None
+    lines = None
+    if has_ia:
+        m = ia_matrix(scores, s.names)
+        lines = ia_lines({f"<{n}>": list(m[i][~np.isnan(m[i])]) for i, n in enumerate(s.names)},
+                         title="IA of each concept after it was learned")
+    return gr.update(value=rows, headers=header), grid, heatmap, lines
 
 
 def build_forgetting_tab():
@@ -265,8 +270,11 @@ def build_forgetting_tab():
                 "similarity to its own photos (×100): a falling row means forgetting.")
     refresh = gr.Button("Refresh")
     table = gr.Dataframe(label="IA after each task", interactive=False)
-    grid = gr.Gallery(label="Concept × after task", columns=6)
-    refresh.click(forgetting, None, [table, grid], api_name="forgetting")
+    grid = gr.Image(label="Concept × after task", type="pil")
+    with gr.Row():
+        heatmap = gr.Plot(label="IA heatmap")
+        lines = gr.Plot(label="IA over tasks")
+    refresh.click(forgetting, None, [table, grid, heatmap, lines], api_name="forgetting")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -86,9 +86,11 @@ def test_learn_then_use_compose_forget_and_manage_the_library(app, tmp_path):
     with pytest.raises(gr.Error, match="No boxes"):
         app.compose({"boxes": []}, "a photo", "", 2, 5.0, 0)
 
-    table, grid = app.forgetting()
+    table, grid, _, _ = app.forgetting()
     assert [row[0] for row in table["value"]] == ["<medic>", "<bolt>"]
-    assert len(grid) == 3  # medic after tasks 1 and 2, bolt after task 2
+    assert grid.size == (110 + 2 * 96, 22 + 2 * 96)  # 2 concepts × after tasks 1 and 2
+    assert grid.getpixel((110 + 96 + 48, 22 + 96 + 48)) != (255, 255, 255)  # bolt after task 2 is drawn
+    assert grid.getpixel((110 + 48, 22 + 96 + 48)) == (255, 255, 255)  # bolt did not exist after task 1
 
     rows, refs, _ = app.library_view()
     assert [r[0] for r in rows] == ["medic", "bolt"] and refs

@@ -78,9 +78,9 @@ def test_learn_compose_and_forgetting_through_the_api_with_isolated_sessions(url
     image, layout = alice.predict(boxes, "a photo on a beach", "", 2, 5.0, 0, api_name="/compose")
     assert Image.open(image).size == (64, 64)
 
-    table, grid = alice.predict(api_name="/forgetting")
+    table, grid, _, _ = alice.predict(api_name="/forgetting")
     assert [row[0] for row in rows_of(table)] == ["<medic>", "<bolt>"]
-    assert len(grid) == 3
+    assert Image.open(grid).size == (110 + 2 * 96, 22 + 2 * 96)
 
     rows, _, _ = bob.predict(api_name="/library")  # Bob sees none of Alice's concepts
     assert not [r for r in rows_of(rows) if any(r)]

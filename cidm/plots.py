@@ -1,0 +1,72 @@
+"""Pictures of forgetting: the concept × task grid of stored re-generations, an IA heatmap and IA lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def forgetting_grid(library_root: Path, names: list[str], tasks: list[int], cell: int = 96) -> Image.Image:
+    """Rows: concepts; columns: "after task t". Empty where a concept did not exist yet."""
+    label_w, label_h = 110, 22
+    grid = Image.new("RGB", (label_w + cell * len(tasks), label_h + cell * len(names)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, t in enumerate(tasks):
+        draw.text((label_w + j * cell + 4, 4), f"after task {t}", fill="black")
+    for i, n in enumerate(names):
+        draw.text((4, label_h + i * cell + cell // 2 - 6), f"<{n}>", fill="black")
+        for j, t in enumerate(tasks):
+            f = Path(library_root) / "forgetting" / f"after-{t:02d}" / f"{n}-0.png"
+            if f.exists():
+                grid.paste(Image.open(f).convert("RGB").resize((cell, cell), Image.NEAREST),
+                           (label_w + j * cell, label_h + i * cell))
+    return grid
+
+
+def ia_matrix(scores: dict[int, dict[str, float]], names: list[str]) -> np.ndarray:
+    """(concepts, tasks) IA, NaN where a concept was not learned yet."""
+    tasks = sorted(scores)
+    return np.array([[scores[t].get(n, np.nan) for t in tasks] for n in names], dtype=float)
+
+
+def ia_heatmap(scores: dict[int, dict[str, float]], names: list[str], title: str = "IA after each task"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = ia_matrix(scores, names)
+    tasks = sorted(scores)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(tasks), 1.0 + 0.45 * len(names)))
+    im = ax.imshow(m, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), [str(t) for t in tasks])
+    ax.set_yticks(range(len(names)), [f"<{n}>" for n in names])
+    ax.set_xlabel("after task")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def ia_lines(curves: dict[str, list[float]], title: str = "average IA of learned concepts"):
+    """One line per method (or per concept): value after each task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+    ax.set_xlabel("after task")
+    ax.set_ylabel("IA")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
