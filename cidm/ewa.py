@@ -66,6 +66,8 @@ def merged(unet, layers: dict[str, int], loras: list[LoRAWeights], weights: torc
     try:
         targets = sorted({m for lora in loras for m in lora.modules})
         for module in targets:
+            if module not in modules:
+                continue
             linear = modules[module]
             linear = getattr(linear, "base_layer", linear)
             l = layers[layer_of(module)]

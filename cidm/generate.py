@@ -21,17 +21,32 @@ class GenerateConfig:
     num_images: int = 1
     seed: int = 0
     psi: str = "paper"  # EWA ψ: "paper" M²/‖M²‖ | "code" 0.8·M⁴/ΣM⁴
-    ewa: bool = True  # False: every LoRA with weight 1/T (the cidm-no-ewa ablation, LoRA-Merge style)
+    # how the task LoRAs meet at inference: "ewa" (Eq. 3); "mean" 1/T each (LoRA-Merge, cidm-no-ewa);
+    # "sum" 1 each (C-LoRA's merged deltas); "last" the latest only (Finetuning); "composite" one UNet pass per
+    # LoRA, noise predictions averaged (LoRA-Composite)
+    merge: str = "ewa"
     height: int | None = None
     width: int | None = None
 
 
+MERGES = ("ewa", "mean", "sum", "last", "composite")
+
+
 def layer_weights(tokens, loras: dict[str, LoRAWeights], prompt: str, config: GenerateConfig) -> torch.Tensor:
     """(L, T) merge weights of the tasks for a prompt."""
-    names = list(loras)
-    if not config.ewa:
-        return torch.full((tokens.n_layers, len(names)), 1.0 / max(1, len(names)))
-    return ewa_weights(tokens, names, prompt, config.psi)
+    names, L = list(loras), tokens.n_layers
+    if config.merge == "ewa":
+        return ewa_weights(tokens, names, prompt, config.psi)
+    if config.merge == "mean":
+        return torch.full((L, len(names)), 1.0 / max(1, len(names)))
+    if config.merge in ("sum", "composite"):
+        return torch.ones(L, len(names))
+    if config.merge == "last":
+        w = torch.zeros(L, len(names))
+        if names:
+            w[:, -1] = 1.0
+        return w
+    raise ValueError(f"merge must be one of {', '.join(MERGES)}; got {config.merge!r}")
 
 
 @torch.no_grad()
@@ -73,10 +88,20 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_
                           generator=generator).to(device, dtype)
     scheduler.set_timesteps(config.steps, device=device)
     latents = latents * scheduler.init_noise_sigma
-    with merged(unet, layers, list(loras.values()), weights):
+    def predict(x, t):
+        return unet(x, t, encoder_hidden_states=text[:, 0], cross_attention_kwargs={"layerwise_text": text}).sample
+
+    composite = config.merge == "composite" and len(loras) > 1
+    with merged(unet, layers, [] if composite else list(loras.values()), weights):
         for i, t in enumerate(scheduler.timesteps):
             x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps = unet(x, t, encoder_hidden_states=text[:, 0], cross_attention_kwargs={"layerwise_text": text}).sample
+            if composite:  # LoRA-Composite: each LoRA alone, predictions averaged (uncond and cond separately)
+                eps = 0
+                for lora in loras.values():
+                    with merged(unet, layers, [lora], torch.ones(len(layers), 1)):
+                        eps = eps + predict(x, t) / len(loras)
+            else:
+                eps = predict(x, t)
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + config.guidance * (eps_cond - eps_uncond)  # classifier-free guidance
             latents = scheduler.step(eps, t, latents).prev_sample

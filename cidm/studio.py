@@ -19,6 +19,7 @@ from . import lora as lora_lib
 from .generate import GenerateConfig, generate
 from .library import Library, LibraryError
 from .losses import TaskSharedKnowledge
+from .methods import get_method
 from .models import load_base
 from .tokens import ConceptTokens
 from .train import TaskConfig, TaskResult, learn_task
@@ -31,11 +32,16 @@ class Studio:
     """Base model + concept library, loaded and kept consistent."""
 
     def __init__(self, library: str | Path, base_model: str | None = None, device: str | None = None,
-                 dtype: torch.dtype | None = None, pipe=None, info=None):
+                 dtype: torch.dtype | None = None, pipe=None, info=None, method: str | None = None):
         if pipe is None:
             pipe, info = load_base(base_model, device, dtype)
         self.pipe, self.info = pipe, info
         self.library = Library(library)
+        learned_with = self.library.manifest.get("method")
+        if method and learned_with and method != learned_with:
+            raise LibraryError(f"this library was learned with method {learned_with!r}, not {method!r}; use a new "
+                               f"library folder for another method")
+        self.method = get_method(method or learned_with or METHOD)
         self.library.check_base(info.source, info.num_cross_attn_layers)
         self.tokens = ConceptTokens(pipe, info.num_cross_attn_layers)
         self.loras: dict[str, lora_lib.LoRAWeights] = {}
@@ -70,7 +76,7 @@ class Studio:
             raise ValueError(f"kind must be 'object' or 'style', got {kind!r}")
         if not class_word or not class_word.strip():
             raise ValueError("the class word is empty; give the kind of thing it is, e.g. 'dog', 'mug' or 'style'")
-        config = TaskConfig(name=name, class_word=class_word.strip(), kind=kind, **settings)
+        config = TaskConfig(name=name, class_word=class_word.strip(), kind=kind, **{**self.method.train, **settings})
         pixels = images_lib.prepare_training_images(sources, self.info.resolution)
         if replace and name in self.loras:
             self._forget(name)
@@ -106,8 +112,9 @@ class Studio:
             base = {"source": self.info.source, "n_layers": self.info.num_cross_attn_layers,
                     "pipeline_class": self.info.pipeline_class}
             try:
-                self.library.commit_concept(name, folder, record, base, METHOD,
-                                            {"psi": "paper", "gamma1": config.gamma1, "gamma2": config.gamma2},
+                self.library.commit_concept(name, folder, record, base, self.method.name,
+                                            {"merge": self.method.merge, "psi": self.method.psi,
+                                             "gamma1": config.gamma1, "gamma2": config.gamma2},
                                             shared_file, replace=replace)
             except BaseException:
                 self._reload()
@@ -196,8 +203,12 @@ class Studio:
     # ------------------------------------------------------------------------------------------------------------
     # generating
 
+    def settings(self, **settings) -> GenerateConfig:
+        """Generation settings: the library's method decides how the LoRAs merge, unless overridden."""
+        return GenerateConfig(**{"merge": self.method.merge, "psi": self.method.psi, **settings})
+
     def generate(self, prompt: str, negative_prompt: str = "", callback=None, **settings):
-        return generate(self.pipe, self.tokens, self.loras, prompt, negative_prompt, GenerateConfig(**settings),
+        return generate(self.pipe, self.tokens, self.loras, prompt, negative_prompt, self.settings(**settings),
                         callback=callback)
 
 
@@ -207,14 +218,14 @@ class Studio:
 
         regions = [r if isinstance(r, Region) else Region(*r) for r in regions]
         return compose(self.pipe, self.tokens, self.loras, prompt, regions, negative_prompt,
-                       GenerateConfig(**settings), alpha=alpha, region_noise=region_noise, callback=callback)
+                       self.settings(**settings), alpha=alpha, region_noise=region_noise, callback=callback)
 
 
     def edit(self, image, box, prompt: str, negative_prompt: str = "", strength: float = 0.8, **settings):
         from .regions import edit
 
         return edit(self.pipe, self.tokens, self.loras, image, box, prompt, negative_prompt, strength,
-                    GenerateConfig(**settings))
+                    self.settings(**settings))
 
 
 # ----------------------------------------------------------------------------------------------------------------

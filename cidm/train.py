@@ -7,6 +7,7 @@ text encoder stay frozen. Each batch: (1) tokens and ΔW_g descend diffusion + �
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -18,6 +19,7 @@ import torch
 
 from . import lora as lora_lib
 from .attention import install_processors
+from .ewa import merged
 from .images import Augment
 from .losses import TaskSharedKnowledge, diffusion_loss, orthogonal_subspace_loss
 
@@ -52,6 +54,12 @@ class TaskConfig:
     hflip: float = 0.5  # augmentation: horizontal flip probability
     grad_clip: float = 1.0
     seed: int = 0
+    # switches used by the baselines (cidm/methods.py); CIDM leaves them at these defaults
+    lora_targets: str = lora_lib.LORA_TARGETS  # C-LoRA: K and V only
+    token_init: str = "class"  # "class": first slot random, others the class word; "random": every slot random
+    train_on_merged_past: bool = False  # C-LoRA: W = W0 + Σ_past ΔW + ΔW_g while training
+    clora_lambda: float = 0.0  # C-LoRA self-regularisation weight (0: off)
+    init_from_previous: bool = False  # Finetuning: the new LoRA starts from the previous task's
 
 
 @dataclasses.dataclass
@@ -104,12 +112,27 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     # 1. New task learner: layer-wise tokens and a fresh LoRA from θ0; the random first token is seeded by the name
     #    too, so that two concepts never start from the same vector
     init_generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(config.name.encode()))
-    tokens.add(config.name, tokens.initial_rows(config.class_word, config.n_slots, config.sigma, init_generator))
+    rows = tokens.initial_rows(config.class_word, config.n_slots, config.sigma, init_generator)
+    if config.token_init == "random":
+        rows = torch.randn(rows.shape, generator=init_generator) * config.sigma
+    tokens.add(config.name, rows)
     token_rows = tokens.rows(config.name)
     token_rows.requires_grad_(True)
-    lora_lib.add_task_lora(unet, config.name, config.rank)
-    install_processors(unet)
+    lora_lib.add_task_lora(unet, config.name, config.rank, config.lora_targets)
+    layers = install_processors(unet)
     current = lora_lib.live_weights(unet, config.name)
+    if config.init_from_previous and past:
+        previous = list(past.values())[-1]
+        with torch.no_grad():
+            for module in current.modules:
+                current.up[module].copy_(previous.up[module])
+                current.down[module].copy_(previous.down[module])
+    past_sum = {}  # C-LoRA: Σ_past ΔW per module
+    if config.clora_lambda > 0 and past:
+        past_sum = {m: sum(p.delta(m) for p in past.values() if m in p.up).to(device) for m in current.modules}
+    merged_past = contextlib.nullcontext()
+    if config.train_on_merged_past and past:
+        merged_past = merged(unet, layers, list(past.values()), torch.ones(len(layers), len(past)))
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": lora_params, "lr": config.lr_lora},
                                    {"params": [token_rows], "lr": config.lr_embedding}], weight_decay=0.01)
@@ -125,51 +148,66 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
 
     # 2. The loop
     unet.train()
-    for step in range(1, config.steps + 1):
-        for group, base_lr in zip(optimizer.param_groups, (config.lr_lora, config.lr_embedding)):
-            group["lr"] = base_lr * get_lr(step - 1, config.steps)
-        idx = torch.randint(0, len(images), (config.batch_size,), generator=generator)
-        with torch.no_grad():
-            pixels = augment(images[idx].float().cpu(), generator).to(device, vae.dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator=None) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-        noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(noise)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        noisy = noise_scheduler.add_noise(latents, noise, t.to(device))
-        text = tokens.encode([captions[i] for i in idx.tolist()])  # (B, L, N, D), grads reach the token rows
-        noise_pred = unet(noisy, t.to(device), encoder_hidden_states=text[:, 0],
-                          cross_attention_kwargs={"layerwise_text": text.to(unet.dtype)}).sample
+    merged_past.__enter__()  # C-LoRA trains on W0 + Σ_past ΔW; always undone below
+    try:
+        for step in range(1, config.steps + 1):
+            for group, base_lr in zip(optimizer.param_groups, (config.lr_lora, config.lr_embedding)):
+                group["lr"] = base_lr * get_lr(step - 1, config.steps)
+            idx = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+            with torch.no_grad():
+                pixels = augment(images[idx].float().cpu(), generator).to(device, vae.dtype)
+                latents = vae.encode(pixels).latent_dist.sample(generator=None) * vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(noise)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+            noisy = noise_scheduler.add_noise(latents, noise, t.to(device))
+            text = tokens.encode([captions[i] for i in idx.tolist()])  # (B, L, N, D), grads reach the token rows
+            noise_pred = unet(noisy, t.to(device), encoder_hidden_states=text[:, 0],
+                              cross_attention_kwargs={"layerwise_text": text.to(unet.dtype)}).sample
 
-        # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
-        diffusion = diffusion_loss(noise_pred, noise)
-        r1 = orthogonal_subspace_loss(current, list(past.values()), config.r1_reduction, config.r1_form) if config.use_r1 and past \
-            else torch.zeros(())
-        r2 = shared.task_shared_loss(config.name, current) if use_r2 else torch.zeros(())
-        loss = diffusion + config.gamma1 * r1 + config.gamma2 * r2
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params + [token_rows], config.grad_clip)
-        if token_rows.grad is not None and token_rows.detach().norm(dim=-1).mean() >= emb_norm_threshold:
-            token_rows.grad = None  # embedding-norm stop (official code: 0.55 on SD-1.5)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
+            diffusion = diffusion_loss(noise_pred, noise)
+            r1 = orthogonal_subspace_loss(current, list(past.values()), config.r1_reduction, config.r1_form) if config.use_r1 and past \
+                else torch.zeros(())
+            r2 = shared.task_shared_loss(config.name, current) if use_r2 else torch.zeros(())
+            loss = diffusion + config.gamma1 * r1 + config.gamma2 * r2
+            if past_sum:  # C-LoRA: ‖ |Σ_past ΔW| ⊙ ΔW_g ‖², normalised by the mean square of Σ_past ΔW per module
+                clora = sum(((past_sum[m] * current.delta(m)) ** 2).sum() / (past_sum[m] ** 2).mean().clamp(min=1e-12)
+                            for m in past_sum)
+                loss = loss + config.clora_lambda * clora
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(lora_params + [token_rows], config.grad_clip)
+            if token_rows.grad is not None and token_rows.detach().norm(dim=-1).mean() >= emb_norm_threshold:
+                token_rows.grad = None  # embedding-norm stop (official code: 0.55 on SD-1.5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        # step 2 of Eq. 7 (as descent; the printed '+' ascends): H_i and W_* on R2, tokens and ΔW_g fixed
-        if use_r2:
-            frozen = lora_lib.LoRAWeights({m: w.detach() for m, w in current.up.items()},
-                                          {m: w.detach() for m, w in current.down.items()}, current.scale)
-            learners = {**past, config.name: frozen}
-            r2_all = sum(shared.task_shared_loss(name, learners[name]) for name in shared.tasks)
-            r2_all.backward()
-            shared_optimizer.step()
-            shared_optimizer.zero_grad(set_to_none=True)
+            # step 2 of Eq. 7 (as descent; the printed '+' ascends): H_i and W_* on R2, tokens and ΔW_g fixed
+            if use_r2:
+                frozen = lora_lib.LoRAWeights({m: w.detach() for m, w in current.up.items()},
+                                              {m: w.detach() for m, w in current.down.items()}, current.scale)
+                learners = {**past, config.name: frozen}
+                r2_all = sum(shared.task_shared_loss(name, learners[name]) for name in shared.tasks)
+                r2_all.backward()
+                shared_optimizer.step()
+                shared_optimizer.zero_grad(set_to_none=True)
 
-        terms = {"loss": loss.item(), "diffusion": diffusion.item(), "r1": r1.item(), "r2": r2.item(),
-                 "token_norm": float(token_rows.detach().norm(dim=-1).mean())}
-        if progress is not None:
-            progress(step, terms)
-        if cancel is not None and cancel():
-            cancelled = True
-            break
+            terms = {"loss": loss.item(), "diffusion": diffusion.item(), "r1": r1.item(), "r2": r2.item(),
+                     "token_norm": float(token_rows.detach().norm(dim=-1).mean())}
+            if progress is not None:
+                progress(step, terms)
+            if cancel is not None and cancel():
+                cancelled = True
+                break
+    except BaseException:  # leave the UNet as it was: no adapter, base weights
+        merged_past.__exit__(None, None, None)
+        merged_past = contextlib.nullcontext()
+        lora_lib.remove_lora(unet)
+        install_processors(unet)
+        tokens.remove(config.name)
+        raise
+    finally:
+        merged_past.__exit__(None, None, None)
 
     # 3. Save the task learner, take the LoRA off the UNet (θ0 again)
     unet.eval()

@@ -1,0 +1,73 @@
+"""Every method of the benchmark learns two tasks and generates; each leaves the base model exactly as it was."""
+
+import numpy as np
+import pytest
+import torch
+
+from cidm.methods import METHODS
+from cidm.studio import Studio
+from test_core import base, learn  # noqa: F401  (module fixture, helper)
+
+
+def fresh(base, path, method):
+    from conftest import make_tiny_pipeline
+
+    return Studio(path, pipe=make_tiny_pipeline(), info=base[1], method=method)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_learns_two_tasks_and_keeps_the_base_weights(base, tmp_path, method):
+    studio = fresh(base, tmp_path / method, method)
+    studio.record_forgetting = False
+    before = {k: v.clone() for k, v in studio.pipe.unet.state_dict().items()}
+    learn(studio, "medic", steps=3)
+    learn(studio, "bolt", steps=3)
+    after = studio.pipe.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    image = studio.generate("a photo of a <medic> and a <bolt>", steps=2)[0]
+    assert image.size == (64, 64)
+    assert studio.library.manifest["method"] == method
+
+
+def test_finetune_starts_each_task_from_the_previous_lora(base, tmp_path):
+    studio = fresh(base, tmp_path / "ft", "finetune")
+    studio.record_forgetting = False
+    learn(studio, "medic", steps=3)
+    learn(studio, "bolt", steps=0)  # no step: the new LoRA is exactly the previous one
+    a, b = studio.loras["medic"], studio.loras["bolt"]
+    assert all(torch.equal(a.up[m], b.up[m]) and torch.equal(a.down[m], b.down[m]) for m in a.up)
+
+
+def test_c_lora_trains_only_key_and_value_projections_and_random_tokens(base, tmp_path):
+    studio = fresh(base, tmp_path / "cl", "c-lora")
+    studio.record_forgetting = False
+    learn(studio, "medic", steps=2)
+    assert {m.rsplit(".", 1)[-1] for m in studio.loras["medic"].modules} == {"to_k", "to_v"}
+    rows = studio.tokens.rows("medic")
+    assert rows.norm(dim=-1).max() < 0.5  # every slot random N(0, σ²), none copied from a class word
+
+
+def test_merge_modes_weigh_tasks_as_their_methods_say(base, tmp_path):
+    from cidm.generate import GenerateConfig, layer_weights
+
+    studio = fresh(base, tmp_path / "m", "lora-m")
+    studio.record_forgetting = False
+    learn(studio, "medic", steps=1)
+    learn(studio, "bolt", steps=1)
+    w = {m: layer_weights(studio.tokens, studio.loras, "a <bolt>", GenerateConfig(merge=m))
+         for m in ("mean", "sum", "last")}
+    assert np.allclose(w["mean"].numpy(), 0.5) and np.allclose(w["sum"].numpy(), 1.0)
+    assert w["last"][:, 1].eq(1).all() and w["last"][:, 0].eq(0).all()
+    with pytest.raises(ValueError, match="merge must be one of"):
+        layer_weights(studio.tokens, studio.loras, "a", GenerateConfig(merge="magic"))
+
+
+def test_a_library_keeps_its_method(base, tmp_path):
+    from cidm.library import LibraryError
+
+    studio = fresh(base, tmp_path / "k", "lora-m")
+    studio.record_forgetting = False
+    learn(studio, "medic", steps=1)
+    with pytest.raises(LibraryError, match="learned with method 'lora-m'"):
+        fresh(base, tmp_path / "k", "cidm")
+    assert fresh(base, tmp_path / "k", None).method.name == "lora-m"
