@@ -210,3 +210,81 @@ def run_compose_bench(out: Path, library: Path, base_model: str | None = None, l
     report = {"neglect_percent": results, "cost_ratio": costs, "layouts": layouts, "steps": steps}
     (out / "compose.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def run_methods_bench(out: Path, methods: list[str], base_model: str | None = None, concepts: Path = EXAMPLES,
+                      tasks: int = 10, steps: int = 300, prompts: int = 5, images: int = 2, seed: int = 0,
+                      gen_steps: int = 25, guidance: float = 5.0, batch_size: int = 4) -> dict:
+    """Every method on one protocol: after every task t, every learned concept (≤ t) is generated with its
+    evaluation prompts × seeds and scored (IA against its references, TA against its prompt with the class word)."""
+    from .methods import get_method
+    from .metrics import text_alignment
+    from .plots import ia_heatmap, ia_lines
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = load_concept_set(concepts)
+    order = spec["standard_sequence"][:tasks]
+    for m in methods:
+        get_method(m)
+    results: dict = {"protocol": {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images,
+                                  "seed": seed, "gen_steps": gen_steps, "guidance": guidance}, "methods": {}}
+    evaluator = None
+    for method in methods:
+        library = out / method / "library"
+        if (library / "library.json").exists():
+            raise ValueError(f"{library} already holds a library; give an empty --out")
+        studio = Studio(library, base_model=base_model, method=method)
+        studio.record_forgetting = False
+        evaluator = evaluator or Evaluator(studio.info.evaluator, str(studio.pipe.device))
+        ia = {n: {} for n in order}  # concept -> {after task t: IA}
+        ta = {n: {} for n in order}
+        t_method = time.perf_counter()
+        for t, name in enumerate(order, start=1):
+            c = spec["concepts"][name]
+            studio.learn(name, c["reference_images"], c["class_word"], c["kind"], captions=c["captions"],
+                         steps=steps, batch_size=batch_size, seed=seed)
+            for n in order[:t]:
+                cn = spec["concepts"][n]
+                gen, texts = [], []
+                for p, text in list(zip(cn["eval_prompts"], cn["eval_texts"]))[:prompts]:
+                    for s in range(images):
+                        gen += studio.generate(p, steps=gen_steps, guidance=guidance, seed=seed + s)
+                        texts.append(text)
+                ia[n][t] = image_alignment(evaluator, gen, cn["reference_images"])
+                ta[n][t] = text_alignment(evaluator, gen, texts)
+            print(f"{method}: after task {t} ({name}) avg IA {sum(ia[n][t] for n in order[:t]) / t:.1f}",
+                  flush=True)
+        results["methods"][method] = {"ia": ia, "ta": ta, "seconds": time.perf_counter() - t_method}
+        fig = ia_heatmap({t: {n: ia[n][t] for n in order[:t]} for t in range(1, len(order) + 1)}, order,
+                         title=f"IA after each task: {method}")
+        fig.savefig(out / f"ia_heatmap_{method}.png", dpi=100)
+    curves = {m: [sum(r["ia"][n][t] for n in order[:t]) / t for t in range(1, len(order) + 1)]
+              for m, r in results["methods"].items()}
+    ia_lines(curves).savefig(out / "ia_over_tasks.png", dpi=100)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(results_markdown(results, order))
+    print((out / "results.md").read_text())
+    return results
+
+
+def results_markdown(results: dict, order: list[str]) -> str:
+    """IA and TA after the last task (columns V1..Vn, Avg last), forgetting, and wall time per method."""
+    last = len(order)
+    cols = [f"V{i + 1} <{n}>" for i, n in enumerate(order)]
+    lines = [f"Protocol: {json.dumps(results['protocol'])}", ""]
+    for metric, title in (("ia", "IA (×100) after the last task"), ("ta", "TA (CLIPScore ×100) after the last task")):
+        rows = []
+        for m, r in results["methods"].items():
+            vals = [r[metric][n][last] for n in order]
+            rows.append([m, *vals, sum(vals) / len(vals)])
+        lines += [f"### {title}", "", markdown_table(["method", *cols, "Avg"], rows), ""]
+    rows = []
+    for m, r in results["methods"].items():
+        drops = [r["ia"][n][i + 1] - r["ia"][n][last] for i, n in enumerate(order)]
+        rows.append([m, *drops, sum(drops) / len(drops)])
+    lines += ["### Forgetting: IA right after learning minus IA after the last task", "",
+              markdown_table(["method", *cols, "mean"], rows), ""]
+    lines += ["### Wall time", "", markdown_table(["method", "seconds"],
+                                                  [[m, r["seconds"]] for m, r in results["methods"].items()]), ""]
+    return "\n".join(lines)

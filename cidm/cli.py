@@ -118,15 +118,22 @@ def cmd_compose(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import EXAMPLES, run_compose_bench, run_core_bench
+    from .bench import EXAMPLES, run_compose_bench, run_core_bench, run_methods_bench
 
+    if args.quick:
+        args.methods, args.tasks, args.steps, args.prompts, args.images = "cidm,lora-m", 3, 20, 2, 1
     if args.compose:
         library = Path(args.library or Path(args.out) / "library")
         run_compose_bench(Path(args.out), library, base_model=args.base, layouts=args.layouts, seed=args.seed)
         return 0
     if not args.core:
-        raise ValueError("choose a benchmark: --core (learning, IA, EWA routing and cost) or --compose "
-                         "(concept neglect in boxes, cost of regions)")
+        from .methods import METHODS
+
+        methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
+        run_methods_bench(Path(args.out), methods, base_model=args.base,
+                          concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks, steps=args.steps,
+                          prompts=args.prompts, images=args.images, seed=args.seed)
+        return 0
     run_core_bench(Path(args.out), base_model=args.base, concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks,
                    steps=args.steps, prompts=args.prompts, seeds=args.seeds, seed=args.seed)
     return 0
@@ -183,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model")
     p.set_defaults(func=cmd_compose)
 
-    p = sub.add_parser("bench", help="benchmarks, printed as tables")
+    p = sub.add_parser("bench", help="benchmarks, printed as tables (default: every method on one protocol)")
     p.add_argument("--out", required=True, help="an empty folder for the library, samples and results")
     p.add_argument("--core", action="store_true", help="learning time, IA vs base, EWA routing and cost")
     p.add_argument("--compose", action="store_true", help="concept neglect in boxes and the cost of regions")
@@ -193,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=10)
     p.add_argument("--steps", type=int, default=300, help="training steps per task")
     p.add_argument("--prompts", type=int, default=10, help="evaluation prompts per concept")
-    p.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    p.add_argument("--seeds", type=int, default=2, help="--core: images per prompt")
+    p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
+    p.add_argument("--methods", help="comma-separated method ids (default: all; see cidm/methods.py)")
+    p.add_argument("--quick", action="store_true", help="3 tasks, 20 steps, 2 prompts, cidm and lora-m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", help="base model (default as for `info`)")
     p.set_defaults(func=cmd_bench)

@@ -82,3 +82,16 @@ def test_concept_images_are_reproduced_exactly_by_the_generator():
         images, _ = C.reference_images(name)
         for i, img in enumerate(images):
             np.testing.assert_array_equal(np.asarray(Image.open(EXAMPLES / name / f"{i}.png")), img)
+
+
+def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
+    from cidm.bench import run_methods_bench
+
+    results = run_methods_bench(tmp_path, ["cidm", "lora-m"], tasks=2, steps=3, prompts=1, images=1, gen_steps=5)
+    for name in ("results.md", "results.json", "ia_over_tasks.png", "ia_heatmap_cidm.png", "ia_heatmap_lora-m.png"):
+        assert (tmp_path / name).is_file(), name
+    for r in results["methods"].values():
+        values = [v for per in (r["ia"], r["ta"]) for c in per.values() for v in c.values()]
+        assert len(values) == 2 * 3 and all(-100.0 <= v <= 250.0 and v == v for v in values)
+    text = (tmp_path / "results.md").read_text()
+    assert "| cidm |" in text and "Avg" in text and "Forgetting" in text
