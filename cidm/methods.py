@@ -1,6 +1,6 @@
 """The methods the benchmark compares, each a set of training switches and an inference merge over one loop.
 
-EWC, LwF and LFS-Diffusion need their own losses and are not in this table yet.
+LwF and LFS-Diffusion (distillation from the previous model) are not in this table yet.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            merge="composite"),
     Method("finetune", "Finetuning: one LoRA carried from task to task, no regulariser",
            {**NO_REG, "init_from_previous": True}, merge="last"),
+    Method("ewc", "EWC: one LoRA carried from task to task, diagonal-Fisher penalty (online EWC)",
+           {**NO_REG, "init_from_previous": True, "ewc_lambda": 1.0}, merge="last"),
     Method("c-lora", "C-LoRA: K/V LoRA on the merged past deltas, self-regularised, random tokens",
            {**NO_REG, "lora_targets": KV_TARGETS, "token_init": "random", "train_on_merged_past": True,
             "clora_lambda": 1.0}, merge="sum"),

@@ -25,6 +25,7 @@ from .tokens import ConceptTokens
 from .train import TaskConfig, TaskResult, learn_task
 
 TOKENS_FILE = "tokens.safetensors"
+FISHER_FILE = "ewc_fisher.safetensors"  # EWC: cumulative diagonal Fisher up to this task
 METHOD = "cidm"
 
 
@@ -88,8 +89,11 @@ class Studio:
             folder = stage / name
             folder.mkdir()
             try:
+                fisher = None
+                if config.ewc_lambda > 0 and self.names:
+                    fisher = load_fisher(self.library.concept_dir(self.names[-1]))
                 result = learn_task(self.pipe, self.tokens, config, pixels, folder, past=past, shared=shared,
-                                    captions=captions, progress=progress, cancel=cancel)
+                                    captions=captions, progress=progress, cancel=cancel, fisher=fisher)
             except BaseException:
                 self._reload()
                 raise
@@ -97,6 +101,8 @@ class Studio:
                 self._reload()
                 return result
             save_tokens(folder, result.token_rows, config)
+            if result.fisher is not None:
+                save_file({k: v.contiguous() for k, v in result.fisher.items()}, str(folder / FISHER_FILE))
             save_images(folder, pixels)
             self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
             if self.shared is None:  # after the first task, W_* and H_1 from its ΔW
@@ -240,6 +246,14 @@ def save_tokens(folder: Path, rows: torch.Tensor, config: TaskConfig) -> None:
 def load_tokens(folder: Path) -> torch.Tensor:
     with safe_open(str(folder / TOKENS_FILE), "pt") as f:
         return f.get_tensor("embeddings")
+
+
+def load_fisher(folder: Path) -> dict | None:
+    path = folder / FISHER_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def save_shared(shared: TaskSharedKnowledge, path: Path) -> None:

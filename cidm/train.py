@@ -60,6 +60,8 @@ class TaskConfig:
     train_on_merged_past: bool = False  # C-LoRA: W = W0 + Σ_past ΔW + ΔW_g while training
     clora_lambda: float = 0.0  # C-LoRA self-regularisation weight (0: off)
     init_from_previous: bool = False  # Finetuning: the new LoRA starts from the previous task's
+    ewc_lambda: float = 0.0  # EWC: weight of Σ F̂ (θ − θ*)², F̂ the cumulative diagonal Fisher / its mean (0: off)
+    fisher_batches: int = 16  # EWC: batches used to estimate this task's diagonal Fisher
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class TaskResult:
     cancelled: bool
     final_terms: dict
     token_rows: torch.Tensor
+    fisher: dict | None = None  # EWC: cumulative diagonal Fisher of the LoRA parameters, "<module>.up|down"
 
 
 def get_lr(step: int, total: int) -> float:
@@ -93,7 +96,7 @@ def captions_for(config: TaskConfig, n_images: int, captions: list[str] | None) 
 def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: Path,
                past: dict[str, lora_lib.LoRAWeights] | None = None, shared: TaskSharedKnowledge | None = None,
                captions: list[str] | None = None, progress: Callable[[int, dict], None] | None = None,
-               cancel: Callable[[], bool] | None = None) -> TaskResult:
+               cancel: Callable[[], bool] | None = None, fisher: dict | None = None) -> TaskResult:
     """Learn one concept from `images` (N, 3, H, W) in [-1, 1]; writes its LoRA into `out_dir`.
 
     `past` are the earlier tasks' LoRAs by name (for R1); `shared` holds R2's H_i and W_* and is updated in place.
@@ -130,6 +133,13 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     past_sum = {}  # C-LoRA: Σ_past ΔW per module
     if config.clora_lambda > 0 and past:
         past_sum = {m: sum(p.delta(m) for p in past.values() if m in p.up).to(device) for m in current.modules}
+    ewc_anchor = {}  # EWC: θ* (the previous task's LoRA) and F̂ per parameter
+    if config.ewc_lambda > 0 and past and fisher:
+        previous = list(past.values())[-1]
+        mean_f = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp(min=1e-20)
+        ewc_anchor = {(m, part): ((previous.up if part == "up" else previous.down)[m].to(device),
+                                  (fisher[f"{m}.{part}"] / mean_f).to(device))
+                      for m in current.modules for part in ("up", "down")}
     merged_past = contextlib.nullcontext()
     if config.train_on_merged_past and past:
         merged_past = merged(unet, layers, list(past.values()), torch.ones(len(layers), len(past)))
@@ -158,8 +168,10 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
                 pixels = augment(images[idx].float().cpu(), generator).to(device, vae.dtype)
                 latents = vae.encode(pixels).latent_dist.sample(generator=None) * vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(noise)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+            offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(noise)
+            noise = noise + config.noise_offset * offset
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
+                              generator=generator)
             noisy = noise_scheduler.add_noise(latents, noise, t.to(device))
             text = tokens.encode([captions[i] for i in idx.tolist()])  # (B, L, N, D), grads reach the token rows
             noise_pred = unet(noisy, t.to(device), encoder_hidden_states=text[:, 0],
@@ -167,13 +179,18 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
 
             # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
             diffusion = diffusion_loss(noise_pred, noise)
-            r1 = orthogonal_subspace_loss(current, list(past.values()), config.r1_reduction, config.r1_form) if config.use_r1 and past \
-                else torch.zeros(())
+            r1 = torch.zeros(())
+            if config.use_r1 and past:
+                r1 = orthogonal_subspace_loss(current, list(past.values()), config.r1_reduction, config.r1_form)
             r2 = shared.task_shared_loss(config.name, current) if use_r2 else torch.zeros(())
             loss = diffusion + config.gamma1 * r1 + config.gamma2 * r2
-            if past_sum:  # C-LoRA: ‖ |Σ_past ΔW| ⊙ ΔW_g ‖², normalised by the mean square of Σ_past ΔW per module
-                clora = sum(((past_sum[m] * current.delta(m)) ** 2).sum() / (past_sum[m] ** 2).mean().clamp(min=1e-12)
-                            for m in past_sum)
+            if ewc_anchor:  # EWC: Σ F̂ (θ − θ*)²
+                ewc = sum((f * ((current.up if part == "up" else current.down)[m] - anchor) ** 2).sum()
+                          for (m, part), (anchor, f) in ewc_anchor.items())
+                loss = loss + config.ewc_lambda * ewc
+            if past_sum:  # C-LoRA: ‖ |Σ_past ΔW| ⊙ ΔW_g ‖², normalised by the mean square of Σ_past ΔW
+                clora = sum(((past_sum[m] * current.delta(m)) ** 2).sum()
+                            / (past_sum[m] ** 2).mean().clamp(min=1e-12) for m in past_sum)
                 loss = loss + config.clora_lambda * clora
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lora_params + [token_rows], config.grad_clip)
@@ -212,6 +229,12 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     # 3. Save the task learner, take the LoRA off the UNet (θ0 again)
     unet.eval()
     token_rows.requires_grad_(False)
+    new_fisher = None
+    if not cancelled and config.ewc_lambda > 0:
+        new_fisher = diagonal_fisher(unet, tokens, noise_scheduler, current, images, captions, augment, config,
+                                     generator)
+        for key, value in (fisher or {}).items():
+            new_fisher[key] = new_fisher[key] + value.to(new_fisher[key])
     if not cancelled:
         lora_lib.save_lora(pipe, config.name, out_dir)
     lora_lib.remove_lora(unet)
@@ -220,7 +243,31 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
         tokens.remove(config.name)
     if use_r2 and cancelled:
         shared.remove_task(config.name)
-    return TaskResult(config.name, step, time.time() - t0, cancelled, terms, token_rows.detach().cpu().clone())
+    return TaskResult(config.name, step, time.time() - t0, cancelled, terms, token_rows.detach().cpu().clone(),
+                      new_fisher)
+
+
+def diagonal_fisher(unet, tokens, noise_scheduler, current, images, captions, augment, config, generator) -> dict:
+    """EWC's diagonal Fisher of the LoRA parameters: mean squared gradient of the diffusion loss on the task."""
+    vae = tokens.pipe.vae
+    device = unet.device
+    params = {f"{m}.{part}": (current.up if part == "up" else current.down)[m]
+              for m in current.modules for part in ("up", "down")}
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    for _ in range(config.fisher_batches):
+        idx = torch.randint(0, len(images), (1,), generator=generator)
+        with torch.no_grad():
+            pixels = augment(images[idx].float().cpu(), generator).to(device, vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            text = tokens.encode([captions[idx.item()]])
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text[:, 0],
+                    cross_attention_kwargs={"layerwise_text": text}).sample
+        grads = torch.autograd.grad(diffusion_loss(pred, noise), list(params.values()))
+        for k, g in zip(params, grads):
+            total[k] += g.detach() ** 2 / config.fisher_batches
+    return {k: v.cpu() for k, v in total.items()}
 
 
 def assert_finite(terms: dict) -> None:

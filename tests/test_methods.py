@@ -71,3 +71,16 @@ def test_a_library_keeps_its_method(base, tmp_path):
     with pytest.raises(LibraryError, match="learned with method 'lora-m'"):
         fresh(base, tmp_path / "k", "cidm")
     assert fresh(base, tmp_path / "k", None).method.name == "lora-m"
+
+
+def test_ewc_stores_a_cumulative_fisher_and_pulls_towards_the_previous_lora(base, tmp_path):
+    from cidm.studio import load_fisher
+
+    studio = fresh(base, tmp_path / "ewc", "ewc")
+    studio.record_forgetting = False
+    learn(studio, "medic", steps=2)
+    first = load_fisher(studio.library.concept_dir("medic"))
+    assert first and all((v >= 0).all() for v in first.values()) and any(v.sum() > 0 for v in first.values())
+    learn(studio, "bolt", steps=2)
+    second = load_fisher(studio.library.concept_dir("bolt"))
+    assert all((second[k] >= first[k] - 1e-12).all() for k in first)  # cumulative
