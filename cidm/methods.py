@@ -1,6 +1,7 @@
 """The methods the benchmark compares, each a set of training switches and an inference merge over one loop.
 
-LwF and LFS-Diffusion (distillation from the previous model) are not in this table yet.
+LFS-Diffusion (distillation along the teacher's sampling trajectory, in-context generation) is not in this
+table yet.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            {**NO_REG, "init_from_previous": True}, merge="last"),
     Method("ewc", "EWC: one LoRA carried from task to task, diagonal-Fisher penalty (online EWC)",
            {**NO_REG, "init_from_previous": True, "ewc_lambda": 1.0}, merge="last"),
+    Method("lwf", "LwF: one LoRA carried across tasks, distilled from the previous model on old concepts' prompts",
+           {**NO_REG, "init_from_previous": True, "lwf_lambda": 1.0}, merge="last"),
     Method("c-lora", "C-LoRA: K/V LoRA on the merged past deltas, self-regularised, random tokens",
            {**NO_REG, "lora_targets": KV_TARGETS, "token_init": "random", "train_on_merged_past": True,
             "clora_lambda": 1.0}, merge="sum"),

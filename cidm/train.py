@@ -62,6 +62,7 @@ class TaskConfig:
     init_from_previous: bool = False  # Finetuning: the new LoRA starts from the previous task's
     ewc_lambda: float = 0.0  # EWC: weight of Σ F̂ (θ − θ*)², F̂ the cumulative diagonal Fisher / its mean (0: off)
     fisher_batches: int = 16  # EWC: batches used to estimate this task's diagonal Fisher
+    lwf_lambda: float = 0.0  # LwF: weight of the distillation from the previous task's model (0: off)
 
 
 @dataclasses.dataclass
@@ -188,6 +189,19 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
                 ewc = sum((f * ((current.up if part == "up" else current.down)[m] - anchor) ** 2).sum()
                           for (m, part), (anchor, f) in ewc_anchor.items())
                 loss = loss + config.ewc_lambda * ewc
+            if config.lwf_lambda > 0 and past:  # LwF: match the previous model on an old concept's prompt
+                old = list(past)[int(torch.randint(0, len(past), (1,), generator=generator))]
+                old_text = tokens.encode([OBJECT_TEMPLATES[0].format(f"<{old}>")] * config.batch_size)
+                old_kwargs = {"layerwise_text": old_text.to(unet.dtype)}
+                with torch.no_grad():  # teacher: θ0 + the previous task's LoRA, the current adapter off
+                    unet.disable_adapters()
+                    with merged(unet, layers, [list(past.values())[-1]], torch.ones(len(layers), 1)):
+                        teacher = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
+                                       cross_attention_kwargs=old_kwargs).sample
+                    unet.enable_adapters()
+                student = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
+                               cross_attention_kwargs=old_kwargs).sample
+                loss = loss + config.lwf_lambda * diffusion_loss(student, teacher)
             if past_sum:  # C-LoRA: ‖ |Σ_past ΔW| ⊙ ΔW_g ‖², normalised by the mean square of Σ_past ΔW
                 clora = sum(((past_sum[m] * current.delta(m)) ** 2).sum()
                             / (past_sum[m] ** 2).mean().clamp(min=1e-12) for m in past_sum)

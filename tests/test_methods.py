@@ -84,3 +84,14 @@ def test_ewc_stores_a_cumulative_fisher_and_pulls_towards_the_previous_lora(base
     learn(studio, "bolt", steps=2)
     second = load_fisher(studio.library.concept_dir("bolt"))
     assert all((second[k] >= first[k] - 1e-12).all() for k in first)  # cumulative
+
+
+def test_lwf_distillation_leaves_adapters_enabled_and_changes_training(base, tmp_path):
+    plain = fresh(base, tmp_path / "ft2", "finetune")
+    lwf = fresh(base, tmp_path / "lwf", "lwf")
+    for s in (plain, lwf):
+        s.record_forgetting = False
+        learn(s, "medic", steps=2)
+        learn(s, "bolt", steps=3)
+    a, b = plain.loras["bolt"], lwf.loras["bolt"]
+    assert any(not torch.equal(a.up[m], b.up[m]) for m in a.up)  # the distillation term changed the updates
