@@ -98,7 +98,7 @@ def learn(files, name, class_word, kind, steps, seed, replace, request: gr.Reque
     samples = [(im, s.probe_prompt(name)) for im in s.generate(s.probe_prompt(name), num_images=2)]
     for old in [n for n in s.names if n != name][-2:]:  # a quick look at two earlier concepts
         samples.append((s.generate(s.probe_prompt(old))[0], f"earlier: {s.probe_prompt(old)}"))
-    message = f"Learned <{name}> in {result.seconds:.0f} s. Write `<{name}>` in a prompt to use it."
+    message = f"Learned `<{name}>` in {result.seconds:.0f} s. Write `<{name}>` in a prompt to use it."
     return message, plot, samples
 
 

@@ -71,7 +71,7 @@ def test_learn_then_use_compose_forget_and_manage_the_library(app, tmp_path):
 
     status, plot, samples = app.learn(photos(tmp_path, "medic"), "medic", "square", "object", 4, 0, False,
                                       progress=no_progress)
-    assert "Learned <medic>" in status and len(plot) == 4 and len(samples) == 2
+    assert "Learned `<medic>`" in status and len(plot) == 4 and len(samples) == 2
     status, _, samples = app.learn(photos(tmp_path, "bolt"), "bolt", "triangle", "object", 4, 0, False,
                                    progress=no_progress)
     assert len(samples) == 3  # two of the new concept, one earlier concept

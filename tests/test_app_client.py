@@ -66,10 +66,10 @@ def test_learn_compose_and_forgetting_through_the_api_with_isolated_sessions(url
     alice, bob = Client(url, verbose=False), Client(url, verbose=False)
     files = [handle_file(p) for p in photos(tmp_path, "medic")]
     status, plot, samples = alice.predict(files, "medic", "square", "object", 10, 0, False, api_name="/learn")
-    assert "Learned <medic>" in status
+    assert "Learned `<medic>`" in status
     files = [handle_file(p) for p in photos(tmp_path, "bolt")]
     status, _, _ = alice.predict(files, "bolt", "triangle", "object", 10, 0, False, api_name="/learn")
-    assert "Learned <bolt>" in status
+    assert "Learned `<bolt>`" in status
 
     canvas = tmp_path / "canvas.png"
     Image.new("RGB", (64, 64), (235, 235, 235)).save(canvas)
