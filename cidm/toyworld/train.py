@@ -39,6 +39,7 @@ class ToyTrainConfig:
     # evaluator (CLIP), whose text tower is also the frozen text encoder of the diffusion model (as in SD)
     clip_minutes: float = 10.0
     clip_extra_minutes: float = 14.0  # a continuation from the saved evaluator, with probes (shapes come last)
+    evaluator_more_minutes: float = 0.0  # on a resumed run: train the evaluator this much more first
     clip_batch: int = 128
     clip_lr: float = 1e-3
     # latent cache
@@ -427,7 +428,7 @@ def train_unet(cfg: ToyTrainConfig, out: Path, model_dir: Path, vae, text_encode
             log(out, stage="unet", step=step, loss=round(float(np.mean(losses)), 5), lr=round(lr, 7),
                 steps_per_s=round(len(losses) / (time.time() - t_log), 2))
             losses, t_log = [], time.time()
-        if step % cfg.eval_every == 0:
+        if step % cfg.eval_every == 0 or time.time() - t0 >= budget:  # gate every eval_every and at the end
             best = gate_checkpoint(cfg, out, model_dir, (unet, text_encoder), (ema, ema_te), vae, tokenizer, ddim,
                                    clip, step, best)
             torch.save({"unet": unet.state_dict(), "optimizer": opt.state_dict(),
@@ -435,8 +436,7 @@ def train_unet(cfg: ToyTrainConfig, out: Path, model_dir: Path, vae, text_encode
                         "ema_text_encoder": ema_te.state_dict() if ema_te is not None else None,
                         "ema": ema.state_dict() if ema is not None else None, "step": step, "best": best},
                        state_path)
-            t_eval_end = time.time()
-            log(out, stage="unet", saved_state=step, budget_left_s=round(budget - (t_eval_end - t0)))
+            log(out, stage="unet", saved_state=step, budget_left_s=round(budget - (time.time() - t0)))
     return best
 
 
@@ -542,6 +542,12 @@ def train_all(cfg: ToyTrainConfig, resume_from: str | None = None) -> Path:
                                                   lr=cfg.clip_lr / 2)
         clip.save_pretrained(model_dir / "evaluator")
         text_encoder_from_clip(clip).save_pretrained(model_dir / "text_encoder")
+        info_path.write_text(json.dumps(info, indent=1))
+        clip.eval()
+    if cfg.evaluator_more_minutes > 0:  # the evaluator alone; the text encoder trains with the UNet by now
+        clip, more = train_clip(cfg, out, tokenizer, clip, minutes=cfg.evaluator_more_minutes, lr=cfg.clip_lr / 2)
+        clip.save_pretrained(model_dir / "evaluator")
+        info.setdefault("evaluator_runs", []).append(more)
         info_path.write_text(json.dumps(info, indent=1))
         clip.eval()
     from transformers import CLIPTextModel
