@@ -32,24 +32,30 @@ def elastic_weights(c_hat: torch.Tensor, e_hat: torch.Tensor, psi: str = "paper"
     raise ValueError(f"psi must be 'paper' or 'code', got {psi!r}")
 
 
-def prompt_token_embeddings(tokens, prompt: str) -> torch.Tensor:
-    """The prompt's layer-wise embeddings at its real tokens (no BOS, no padding): (L, N, D).
+def prompt_token_embeddings(tokens, prompt: str, space: str = "token") -> torch.Tensor:
+    """The prompt's layer-wise embeddings at its real tokens (no BOS, EOS or padding): (L, N, D).
 
-    The official code takes the max over all 77 positions; BOS is the same for every prompt and padding repeats EOS,
-    so we leave both out (DEVIATION, stated in the README's table).
+    space="token": the input embeddings of the layer-l bound prompt (the rows the text encoder reads);
+    space="encoded": the text encoder's output at those positions (the paper's wording; see README).
     """
-    emb = tokens.encode([prompt])[0]  # (L, N_max, D)
-    n_real = len(tokens.pipe.tokenizer(tokens.bind(prompt, 0)).input_ids)  # BOS … EOS
-    return emb[:, 1:n_real]
+    tokenizer = tokens.pipe.tokenizer
+    n_real = len(tokenizer(tokens.bind(prompt, 0)).input_ids)  # BOS … EOS
+    if space == "encoded":
+        return tokens.encode([prompt])[0][:, 1:n_real - 1]
+    if space == "token":
+        ids = [tokenizer(tokens.bind(prompt, l)).input_ids[1:-1] for l in range(tokens.n_layers)]
+        device = tokens.embedding.base.weight.device
+        return torch.stack([tokens.embedding(torch.tensor(i, device=device)) for i in ids])
+    raise ValueError(f"EWA space must be 'token' or 'encoded', got {space!r}")
 
 
 @torch.no_grad()
-def ewa_weights(tokens, names: list[str], prompt: str, psi: str = "paper") -> torch.Tensor:
+def ewa_weights(tokens, names: list[str], prompt: str, psi: str = "paper", space: str = "token") -> torch.Tensor:
     """ψ (L, T) for the tasks `names` and a prompt."""
     if not names:
         return torch.zeros(tokens.n_layers, 0)
-    e_hat = torch.stack([tokens.concept_embeddings(n) for n in names])  # (T, L, D)
-    return elastic_weights(prompt_token_embeddings(tokens, prompt), e_hat, psi)
+    e_hat = torch.stack([tokens.concept_embeddings(n, space) for n in names])  # (T, L, D)
+    return elastic_weights(prompt_token_embeddings(tokens, prompt, space), e_hat, psi)
 
 
 def layer_of(module: str) -> str:

@@ -21,6 +21,7 @@ class GenerateConfig:
     num_images: int = 1
     seed: int = 0
     psi: str = "paper"  # EWA ψ: "paper" M²/‖M²‖ | "code" 0.8·M⁴/ΣM⁴
+    ewa_space: str = "token"  # similarities between token embeddings ("token") or text-encoder outputs ("encoded")
     # how the task LoRAs meet at inference: "ewa" (Eq. 3); "mean" 1/T each (LoRA-Merge, cidm-no-ewa);
     # "sum" 1 each (C-LoRA's merged deltas); "last" the latest only (Finetuning); "composite" one UNet pass per
     # LoRA, noise predictions averaged (LoRA-Composite)
@@ -36,7 +37,7 @@ def layer_weights(tokens, loras: dict[str, LoRAWeights], prompt: str, config: Ge
     """(L, T) merge weights of the tasks for a prompt."""
     names, L = list(loras), tokens.n_layers
     if config.merge == "ewa":
-        return ewa_weights(tokens, names, prompt, config.psi)
+        return ewa_weights(tokens, names, prompt, config.psi, config.ewa_space)
     if config.merge == "mean":
         return torch.full((L, len(names)), 1.0 / max(1, len(names)))
     if config.merge in ("sum", "composite"):

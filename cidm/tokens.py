@@ -154,14 +154,24 @@ class ConceptTokens:
         hidden = text_encoder(ids)[0]  # (B·L, N, D)
         return hidden.view(len(prompts), self.n_layers, *hidden.shape[1:])
 
-    def concept_embeddings(self, name: str) -> torch.Tensor:
-        """Each layer's text-encoder embedding of the concept's own tokens, averaged over its slots: (L, D) (Eq. 3 ê)."""
+    def concept_embeddings(self, name: str, space: str = "token") -> torch.Tensor:
+        """A task's concept embedding per layer, its slots averaged (Eq. 3's ê): (L, D).
+
+        space="token": the layer-wise token rows themselves. space="encoded": the text encoder's output at the
+        concept's positions in a neutral template, "a photo of a <name>": encoded alone, right after BOS, any two
+        concepts look alike to this small causal encoder, because position dominates its hidden states.
+        """
+        n_slots = self.slots[name]
+        if space == "token":
+            return self.rows(name).detach().view(n_slots, self.n_layers, -1).mean(0)
         tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
-        prompts = [self.bind(f"<{name}>", l) for l in range(self.n_layers)]
+        template = "a photo of a {}"
+        prompts = [self.bind(template.format(f"<{name}>"), l) for l in range(self.n_layers)]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(text_encoder.device)
-        hidden = text_encoder(ids)[0]  # (L, N, D); positions 1..n_slots hold the concept tokens
-        return hidden[:, 1:1 + self.slots[name]].mean(1)
+        hidden = text_encoder(ids)[0]  # (L, N, D)
+        first = len(tokenizer(template.format("x")).input_ids) - 2  # the concept's first slot
+        return hidden[:, first:first + n_slots].mean(1)
 
     def rows(self, name: str) -> torch.Tensor:
         return self.embedding.concepts[name]

@@ -200,6 +200,18 @@ def test_ewa_weights_follow_the_paper_and_the_code():
     assert code.sum().item() == pytest.approx(0.8)
 
 
+def test_ewa_puts_the_largest_weight_on_the_named_concept(studio):
+    for k, name in enumerate(studio.names):
+        for prompt in (f"a photo of a <{name}>", f"a photo of a <{name}> on a beach"):
+            w = ewa_weights(studio.tokens, studio.names, prompt)  # (L, T), token space
+            assert w.mean(0).argmax().item() == k, (prompt, w.mean(0))
+
+
+def test_ewa_encoded_space_gives_per_layer_weights_too(studio):
+    w = ewa_weights(studio.tokens, studio.names, "a photo of a <bolt>", space="encoded")
+    assert w.shape == (7, 3) and torch.isfinite(w).all()
+
+
 def test_ewa_weights_are_per_layer_and_per_task(studio):
     w = ewa_weights(studio.tokens, studio.names, "a photo of a <bolt>")
     assert w.shape == (7, 3)
