@@ -40,7 +40,7 @@ def test_tokenizer_is_rebuilt_exactly_from_the_world_words():
     shipped = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
     assert build_tokenizer().get_vocab() == shipped.get_vocab()
     ids = shipped("a photo of a striped orange star in the snow").input_ids
-    assert len(ids) == 11  # one token per word, plus BOS and EOS
+    assert len(ids) == 12  # one token per word (10), plus BOS and EOS
 
 
 def test_default_base_without_gpu_is_the_embedded_model(monkeypatch):
