@@ -56,7 +56,8 @@ Diffusion: `StableDiffusionPipeline.from_pretrained(this folder)` and `CLIPModel
 - **Tokenizer:** a `CLIPTokenizer` whose BPE gives one token per world word. It is built deterministically.
 - **VAE:** an `AutoencoderKL` mapping 64×64×3 to 4×16×16, at {vae_psnr} dB PSNR on held-out images.
 - **Evaluator:** a `CLIPModel` (ViT with patch 8 on 64 px; text width 128) trained contrastively with multi-positive
-  targets. Its text tower is also the diffusion model's frozen text encoder, as SD uses CLIP's.
+  targets; its continuation adds shape-only captions and auxiliary linear probes (discarded). Its text tower
+  initialises the diffusion model's text encoder (SD uses CLIP's), which then trains jointly with the UNet.
 - **UNet:** a `UNet2DConditionModel` with 7 cross-attention layers at 16×16, 8×8 and 4×4. It is trained with the
   epsilon objective, Min-SNR-5 weighting and 10 % empty captions. The shipped checkpoint is gated on measured
   prompt-following, not on the loss. Shipped: {unet_weights} weights at step {unet_step}.
