@@ -112,15 +112,19 @@ class ConceptTokens:
             self.add(n, rows)
 
     def initial_rows(self, class_word: str, n_slots: int = 2, sigma: float = 0.013,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """First slot random N(0, σ²), the others the class word's embedding, copied to every layer (§1.2)."""
+                     generator: torch.Generator | None = None, first: str = "class+noise") -> torch.Tensor:
+        """Slots copied to every layer: the others the class word's embedding; the first N(0, σ²) (first="random",
+        the official code) or the class word plus that noise (first="class+noise", default: a purely random token
+        is far outside what a small text encoder ever saw, and the toy world's images collapsed to noise)."""
         ids = self.base_tokenizer(class_word, add_special_tokens=False).input_ids
         if not ids:
             raise ValueError(f"class word {class_word!r} is empty after tokenizing; give a word such as 'dog'")
         base = self.embedding.base.weight.detach().float().cpu()
         class_vec = base[ids].mean(0)  # a multi-token class word: the mean of its pieces
-        first = torch.randn(base.shape[1], generator=generator) * sigma
-        slot_rows = [first] + [class_vec] * (n_slots - 1)
+        noise = torch.randn(base.shape[1], generator=generator) * sigma
+        if first not in ("random", "class+noise"):
+            raise ValueError(f"first-token init must be 'random' or 'class+noise', got {first!r}")
+        slot_rows = [noise if first == "random" else class_vec + noise] + [class_vec] * (n_slots - 1)
         return torch.stack([row for row in slot_rows for _ in range(self.n_layers)])
 
     # --------------------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ class TaskConfig:
     seed: int = 0
     # switches used by the baselines (cidm/methods.py); CIDM leaves them at these defaults
     lora_targets: str = lora_lib.LORA_TARGETS  # C-LoRA: K and V only
-    token_init: str = "class"  # "class": first slot random, others the class word; "random": every slot random
+    token_init: str = "class+noise"  # first slot: class word + N(0, σ²); "class": N(0, σ²) as the official code;
+    # "random": every slot random (C-LoRA). Other slots: the class word
     train_on_merged_past: bool = False  # C-LoRA: W = W0 + Σ_past ΔW + ΔW_g while training
     clora_lambda: float = 0.0  # C-LoRA self-regularisation weight (0: off)
     init_from_previous: bool = False  # Finetuning: the new LoRA starts from the previous task's
@@ -116,7 +117,8 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     # 1. New task learner: layer-wise tokens and a fresh LoRA from θ0; the random first token is seeded by the name
     #    too, so that two concepts never start from the same vector
     init_generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(config.name.encode()))
-    rows = tokens.initial_rows(config.class_word, config.n_slots, config.sigma, init_generator)
+    rows = tokens.initial_rows(config.class_word, config.n_slots, config.sigma, init_generator,
+                               first="random" if config.token_init == "class" else "class+noise")
     if config.token_init == "random":
         rows = torch.randn(rows.shape, generator=init_generator) * config.sigma
     tokens.add(config.name, rows)
