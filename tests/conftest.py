@@ -45,3 +45,16 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd")
     make_tiny_pipeline().save_pretrained(path)
     return path
+
+
+def write_photos(folder, name: str, n: int = 3) -> list[str]:
+    """n reference images of a toy-world concept written as PNG files (what a user uploads)."""
+    from PIL import Image
+
+    from cidm.toyworld import concepts as C
+
+    paths = []
+    for i, img in enumerate(C.reference_images(name, n=n)[0]):
+        paths.append(str(folder / f"{name}-{i}.png"))
+        Image.fromarray(img).save(paths[-1])
+    return paths

@@ -31,11 +31,9 @@ def app(tiny_model_dir, monkeypatch, tmp_path):
 
 
 def photos(tmp_path, name, n=4):
-    paths = []
-    for i, img in enumerate(C.reference_images(name, n=n)[0]):
-        paths.append(str(tmp_path / f"{name}-{i}.png"))
-        Image.fromarray(img).save(paths[-1])
-    return paths
+    from conftest import write_photos
+
+    return write_photos(tmp_path, name, n)
 
 
 def test_app_serves_its_page(app):

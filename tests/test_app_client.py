@@ -45,11 +45,9 @@ def rows_of(table) -> list:
 
 
 def photos(tmp_path, name, n=3):
-    paths = []
-    for i, img in enumerate(C.reference_images(name, n=n)[0]):
-        paths.append(str(tmp_path / f"{name}-{i}.png"))
-        Image.fromarray(img).save(paths[-1])
-    return paths
+    from conftest import write_photos
+
+    return write_photos(tmp_path, name, n)
 
 
 def test_named_endpoints_exist(url):
