@@ -28,6 +28,7 @@ class GenerateConfig:
     merge: str = "ewa"
     height: int | None = None
     width: int | None = None
+    context_strength: float = 0.6  # LFS in-context generation: how much of a concept's vision context is re-noised
 
 
 MERGES = ("ewa", "mean", "sum", "last", "composite")
@@ -52,9 +53,12 @@ def layer_weights(tokens, loras: dict[str, LoRAWeights], prompt: str, config: Ge
 
 @torch.no_grad()
 def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_prompt: str = "",
-             config: GenerateConfig | None = None, callback: Callable[[int, int], None] | None = None
-             ) -> list[Image.Image]:
-    """Images for one prompt that may name any learned `<concept>`."""
+             config: GenerateConfig | None = None, callback: Callable[[int, int], None] | None = None,
+             contexts: dict[str, Image.Image] | None = None) -> list[Image.Image]:
+    """Images for one prompt that may name any learned `<concept>`.
+
+    `contexts` (LFS in-context generation): vision contexts by concept; a prompt naming one starts from its latents.
+    """
     config = config or GenerateConfig()
     unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
     device, dtype = unet.device, unet.dtype
@@ -72,6 +76,8 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_
     if height % scale or width % scale:
         raise ValueError(f"height and width must be multiples of {scale} (got {height}×{width})")
 
+    named = [n for n in tokens.check_prompt(prompt) if n in (contexts or {})]
+
     # 2. Bind the prompt into layer-wise embeddings: (1, L, N, D) each
     cond = tokens.encode([prompt]).to(dtype)
     uncond = tokens.encode([negative_prompt]).to(dtype)
@@ -88,13 +94,19 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_
     latents = torch.randn((config.num_images, unet.config.in_channels, height // scale, width // scale),
                           generator=generator).to(device, dtype)
     scheduler.set_timesteps(config.steps, device=device)
+    timesteps = scheduler.timesteps
     latents = latents * scheduler.init_noise_sigma
+    if named:  # in-context generation: the first named concept's vision context, noised to context_strength
+        start = config.steps - max(1, int(round(config.steps * config.context_strength)))
+        timesteps = timesteps[start:]
+        z_context = encode_image(vae, contexts[named[0]].resize((width, height))).to(device, dtype)
+        latents = scheduler.add_noise(z_context.expand_as(latents), latents, timesteps[:1])
     def predict(x, t):
         return unet(x, t, encoder_hidden_states=text[:, 0], cross_attention_kwargs={"layerwise_text": text}).sample
 
     composite = config.merge == "composite" and len(loras) > 1
     with merged(unet, layers, [] if composite else list(loras.values()), weights):
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             if composite:  # LoRA-Composite: each LoRA alone, predictions averaged (uncond and cond separately)
                 eps = 0
@@ -107,7 +119,7 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_
             eps = eps_uncond + config.guidance * (eps_cond - eps_uncond)  # classifier-free guidance
             latents = scheduler.step(eps, t, latents).prev_sample
             if callback is not None:
-                callback(i + 1, config.steps)
+                callback(i + 1, len(timesteps))
 
     # 6. Decode
     return decode(vae, latents)
@@ -117,3 +129,10 @@ def decode(vae, latents: torch.Tensor) -> list[Image.Image]:
     pixels = vae.decode(latents / vae.config.scaling_factor).sample.float()
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def encode_image(vae, image: Image.Image) -> torch.Tensor:
+    """(1, C, h, w) latents of an RGB image (the distribution's mode, scaled as the UNet sees them)."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    pixels = pixels.to(vae.device, vae.dtype)
+    return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor

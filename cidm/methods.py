@@ -1,7 +1,14 @@
 """The methods the benchmark compares, each a set of training switches and an inference merge over one loop.
 
-LFS-Diffusion (distillation along the teacher's sampling trajectory, in-context generation) is not in this
-table yet.
+LFS-Diffusion (Song et al. 2024) is built from its abstract and figure captions only (the body is not public; see
+`research/peers.md` §2). Our design choices, each a switch here or in `TaskConfig`:
+- one LoRA carried from task to task (it is a fine-tuning method, with no per-task adapters);
+- data-free distillation: every `lfs_refresh` steps the teacher (the model before this task) samples a 25-step DDPM
+  trajectory from noise, alternately for the new concept's class ("relevant concepts") and for a random earlier
+  concept ("previous concepts"); each step, the student matches the teacher's ε at one of the teacher's own latents;
+- In-Context Generation: right after a task, one image of the concept is sampled and kept as its vision context
+  (`context.png`, generated, so no user photo is stored); a later prompt naming the concept starts from that
+  context's latents noised to `context_strength` (SDEdit-style conditioning on the vision context).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ class Method:
     train: dict = dataclasses.field(default_factory=dict)  # TaskConfig overrides
     merge: str = "ewa"  # GenerateConfig.merge
     psi: str = "paper"
+    icgen: bool = False  # LFS: keep a vision context per concept and condition its later generation on it
 
 
 NO_REG = {"use_r1": False, "use_r2": False}
@@ -40,6 +48,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("c-lora", "C-LoRA: K/V LoRA on the merged past deltas, self-regularised, random tokens",
            {**NO_REG, "lora_targets": KV_TARGETS, "token_init": "random", "train_on_merged_past": True,
             "clora_lambda": 1.0}, merge="sum"),
+    Method("lfs", "LFS-Diffusion: one LoRA carried across tasks, distilled along the teacher's own sampling "
+                  "trajectory, in-context generation from a vision context per concept",
+           {**NO_REG, "init_from_previous": True, "lfs_lambda": 1.0}, merge="last", icgen=True),
 ]}
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .attention import install_processors
 from .ewa import merged
-from .generate import GenerateConfig, decode, layer_weights
+from .generate import GenerateConfig, decode, encode_image, layer_weights
 
 MAX_REGIONS = 8
 
@@ -200,8 +200,7 @@ def edit(pipe, tokens, loras, image, box, prompt: str, negative_prompt: str = ""
     box = pixel_box(box, width, height)
     mask = region_masks([box], width, height, width // scale, height // scale)[0].to(device, dtype)  # (h, w)
 
-    pixels = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device, dtype)
-    z0 = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+    z0 = encode_image(vae, image).to(device, dtype)
     cond = tokens.encode([prompt]).to(dtype)
     uncond = tokens.encode([negative_prompt]).to(dtype)
     text = torch.cat([uncond, cond])

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import images as images_lib
+from .images import load_image
 from . import lora as lora_lib
 from .generate import GenerateConfig, generate
 from .library import Library, LibraryError
@@ -26,6 +27,7 @@ from .train import TaskConfig, TaskResult, learn_task
 
 TOKENS_FILE = "tokens.safetensors"
 FISHER_FILE = "ewc_fisher.safetensors"  # EWC: cumulative diagonal Fisher up to this task
+CONTEXT_FILE = "context.png"  # LFS in-context generation: the concept's vision context, sampled after its task
 METHOD = "cidm"
 
 
@@ -46,6 +48,7 @@ class Studio:
         self.library.check_base(info.source, info.num_cross_attn_layers)
         self.tokens = ConceptTokens(pipe, info.num_cross_attn_layers)
         self.loras: dict[str, lora_lib.LoRAWeights] = {}
+        self.contexts: dict = {}  # LFS vision contexts by concept (methods with `icgen`)
         self.shared: TaskSharedKnowledge | None = None
         self._load_library()
 
@@ -57,6 +60,8 @@ class Studio:
             folder = self.library.concept_dir(name)
             self.tokens.add(name, load_tokens(folder))
             self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
+            if (folder / CONTEXT_FILE).exists():
+                self.contexts[name] = load_image(folder / CONTEXT_FILE)
         shared_file = self.library.task_shared_file
         if shared_file is not None and shared_file.exists():
             self.shared = load_shared(shared_file)
@@ -105,6 +110,9 @@ class Studio:
                 save_file({k: v.contiguous() for k, v in result.fisher.items()}, str(folder / FISHER_FILE))
             save_images(folder, pixels)
             self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
+            if self.method.icgen:  # LFS: the vision context, sampled from the model right after this task
+                self.generate(self.probe_prompt(name, kind), seed=config.seed)[0].save(folder / CONTEXT_FILE)
+                self.contexts[name] = load_image(folder / CONTEXT_FILE)
             if self.shared is None:  # after the first task, W_* and H_1 from its ΔW
                 self.shared = TaskSharedKnowledge(config.r2_rank)
                 self.shared.initialise(name, self.loras[name])
@@ -134,9 +142,10 @@ class Studio:
 
     record_forgetting = True  # after each task, re-generate every concept (fixed prompt and seed) and score it
 
-    def probe_prompt(self, name: str) -> str:
-        rec = self.library.record(name)
-        return f"a photo of a <{name}>" if rec["kind"] == "object" else f"a photo of a house in <{name}> style"
+    def probe_prompt(self, name: str, kind: str | None = None) -> str:
+        """The fixed prompt a concept is re-generated with after each task."""
+        kind = kind or self.library.record(name)["kind"]
+        return f"a photo of a <{name}>" if kind == "object" else f"a photo of a house in <{name}> style"
 
     def evaluator(self):
         """The IA evaluator for this base, or None where it cannot be loaded (e.g. offline without a local one)."""
@@ -183,6 +192,7 @@ class Studio:
     def _forget(self, name: str) -> None:
         self.tokens.remove(name)
         self.loras.pop(name, None)
+        self.contexts.pop(name, None)
         if self.shared is not None and name in self.shared.tasks:
             self.shared.remove_task(name)
 
@@ -191,6 +201,7 @@ class Studio:
         for name in list(self.tokens.names):
             self.tokens.remove(name)
         self.loras.clear()
+        self.contexts.clear()
         self.shared = None
         self.library = Library(self.library.root)
         self._load_library()
@@ -215,7 +226,7 @@ class Studio:
 
     def generate(self, prompt: str, negative_prompt: str = "", callback=None, **settings):
         return generate(self.pipe, self.tokens, self.loras, prompt, negative_prompt, self.settings(**settings),
-                        callback=callback)
+                        callback=callback, contexts=self.contexts if self.method.icgen else None)
 
 
     def compose(self, prompt: str, regions, negative_prompt: str = "", alpha: float = 0.1,

@@ -64,6 +64,9 @@ class TaskConfig:
     ewc_lambda: float = 0.0  # EWC: weight of Σ F̂ (θ − θ*)², F̂ the cumulative diagonal Fisher / its mean (0: off)
     fisher_batches: int = 16  # EWC: batches used to estimate this task's diagonal Fisher
     lwf_lambda: float = 0.0  # LwF: weight of the distillation from the previous task's model (0: off)
+    lfs_lambda: float = 0.0  # LFS-Diffusion: weight of the distillation along the teacher's trajectory (0: off)
+    lfs_trajectory_steps: int = 25  # LFS: sampling steps of one teacher trajectory (DDPM, as the paper's figure)
+    lfs_refresh: int = 25  # LFS: a new teacher trajectory every this many training steps
 
 
 @dataclasses.dataclass
@@ -204,6 +207,18 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
                 student = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
                                cross_attention_kwargs=old_kwargs).sample
                 loss = loss + config.lwf_lambda * diffusion_loss(student, teacher)
+            if config.lfs_lambda > 0 and past:  # LFS: student matches the teacher at the teacher's own latents
+                if (step - 1) % config.lfs_refresh == 0:  # alternate the relevant (class) and a previous concept
+                    old = list(past)[int(torch.randint(0, len(past), (1,), generator=generator))]
+                    kd_prompt = relevant_prompt(config) if (step - 1) // config.lfs_refresh % 2 == 0 else \
+                        OBJECT_TEMPLATES[0].format(f"<{old}>")
+                    trajectory = teacher_trajectory(unet, layers, list(past.values())[-1], tokens, kd_prompt,
+                                                    noise_scheduler, latents.shape, config, generator)
+                k = int(torch.randint(0, len(trajectory["t"]), (1,), generator=generator))
+                kd_text = trajectory["text"]
+                student = unet(trajectory["z"][k], trajectory["t"][k], encoder_hidden_states=kd_text[:, 0],
+                               cross_attention_kwargs={"layerwise_text": kd_text}).sample
+                loss = loss + config.lfs_lambda * diffusion_loss(student, trajectory["eps"][k])
             if past_sum:  # C-LoRA: ‖ |Σ_past ΔW| ⊙ ΔW_g ‖², normalised by the mean square of Σ_past ΔW
                 clora = sum(((past_sum[m] * current.delta(m)) ** 2).sum()
                             / (past_sum[m] ** 2).mean().clamp(min=1e-12) for m in past_sum)
@@ -261,6 +276,46 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
         shared.remove_task(config.name)
     return TaskResult(config.name, step, time.time() - t0, cancelled, terms, token_rows.detach().cpu().clone(),
                       new_fisher)
+
+
+def relevant_prompt(config: TaskConfig) -> str:
+    """LFS: a prompt of the concepts relevant to the new one (its class), which fine-tuning on it tends to overwrite."""
+    return OBJECT_TEMPLATES[0].format(config.class_word) if config.kind == "object" else "a picture"
+
+
+@torch.no_grad()
+def teacher_trajectory(unet, layers, teacher_lora, tokens, prompt: str, noise_scheduler, shape, config: TaskConfig,
+                       generator: torch.Generator, guidance: float = 5.0) -> dict:
+    """LFS-Diffusion's data-free distillation targets: the teacher (θ0 + the previous task's LoRA, the current
+    adapter off) samples from noise with `prompt`; every step's latent z*_t and conditional ε_teacher(z*_t) are kept.
+    No earlier data is stored or replayed: the latents come from the teacher itself."""
+    from diffusers import DDPMScheduler
+
+    device, dtype = unet.device, unet.dtype
+    sampler = DDPMScheduler.from_config(noise_scheduler.config)
+    sampler.set_timesteps(config.lfs_trajectory_steps, device=device)
+    text = tokens.encode([prompt] * shape[0]).to(dtype)
+    uncond = tokens.encode([""] * shape[0]).to(dtype)
+    both = torch.cat([uncond, text])
+    z = torch.randn(shape, generator=generator).to(device, dtype) * sampler.init_noise_sigma
+    record = {"z": [], "t": [], "eps": [], "text": text}
+    was_training = unet.training
+    unet.eval()
+    unet.disable_adapters()
+    try:
+        with merged(unet, layers, [teacher_lora], torch.ones(len(layers), 1)):
+            for t in sampler.timesteps:
+                eps = unet(torch.cat([z, z]), t, encoder_hidden_states=both[:, 0],
+                           cross_attention_kwargs={"layerwise_text": both}).sample
+                eps_uncond, eps_cond = eps.chunk(2)
+                record["z"].append(z)
+                record["t"].append(t.expand(shape[0]))
+                record["eps"].append(eps_cond)
+                z = sampler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, z, generator=generator).prev_sample
+    finally:
+        unet.enable_adapters()
+        unet.train(was_training)
+    return record
 
 
 def diagonal_fisher(unet, tokens, noise_scheduler, current, images, captions, augment, config, generator) -> dict:

@@ -95,3 +95,22 @@ def test_lwf_distillation_leaves_adapters_enabled_and_changes_training(base, tmp
         learn(s, "bolt", steps=3)
     a, b = plain.loras["bolt"], lwf.loras["bolt"]
     assert any(not torch.equal(a.up[m], b.up[m]) for m in a.up)  # the distillation term changed the updates
+
+
+def test_lfs_distils_from_the_teacher_and_generates_from_each_concepts_vision_context(base, tmp_path):
+    plain = fresh(base, tmp_path / "ft3", "finetune")
+    lfs = fresh(base, tmp_path / "lfs", "lfs")
+    for s in (plain, lfs):
+        s.record_forgetting = False
+        learn(s, "medic", steps=2)
+        learn(s, "bolt", steps=3)
+    a, b = plain.loras["bolt"], lfs.loras["bolt"]
+    assert any(not torch.equal(a.up[m], b.up[m]) for m in a.up)  # the distillation term changed the updates
+    assert all((lfs.library.concept_dir(n) / "context.png").exists() for n in ("medic", "bolt"))
+    assert not (plain.library.concept_dir("medic") / "context.png").exists()
+    # a prompt naming <medic> starts from medic's vision context: the less it is re-noised, the closer it stays
+    context = np.asarray(lfs.contexts["medic"], float)
+    near = np.asarray(lfs.generate("a photo of a <medic>", steps=10, seed=1, context_strength=0.1)[0], float)
+    far = np.asarray(lfs.generate("a photo of a <medic>", steps=10, seed=1, context_strength=1.0)[0], float)
+    assert np.abs(near - context).mean() < np.abs(far - context).mean()
+    assert set(Studio(lfs.library.root, pipe=lfs.pipe, info=base[1]).contexts) == {"medic", "bolt"}
