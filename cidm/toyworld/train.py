@@ -42,6 +42,7 @@ class ToyTrainConfig:
     evaluator_more_minutes: float = 0.0  # on a resumed run: train the evaluator this much more first
     clip_batch: int = 128
     clip_lr: float = 1e-3
+    clip_shape_groups: float = 0.5  # share of each batch in groups that differ only in shape (hard negatives)
     # latent cache
     n_latents: int = 40_000
     # UNet
@@ -235,6 +236,22 @@ def dropout_caption(scene: W.Scene, rng: np.random.Generator) -> tuple[str, dict
     return caption, attrs
 
 
+def contrast_batch(rng: np.random.Generator, size: int, shape_groups: float) -> list[W.Scene]:
+    """Random scenes, and a `shape_groups` share of groups of 4 scenes that differ only in the shape.
+
+    Colour and context differ between almost any two random scenes, so a contrastive loss learns them in minutes;
+    shape is then never needed to tell a batch apart. Groups that differ only in shape (hard negatives) make it so.
+    """
+    n_groups = int(size * shape_groups) // 4
+    scenes = [W.random_scene(int(s), two_object_prob=0.1) for s in rng.integers(0, 2**31, size - 4 * n_groups)]
+    for seed in rng.integers(0, 2**31, n_groups):
+        base = W.random_scene(int(seed), two_object_prob=0.0)
+        _, colour, style = base.objects[0]
+        for shape in rng.choice(W.SHAPES, 4, replace=False):
+            scenes.append(dataclasses.replace(base, objects=((str(shape), colour, style),)))
+    return scenes
+
+
 def caption_matches(attrs: dict, scene: W.Scene) -> bool:
     if "full" in attrs:
         return attrs["full"] == scene.caption
@@ -246,7 +263,7 @@ def caption_matches(attrs: dict, scene: W.Scene) -> bool:
 
 
 def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer, clip=None, minutes: float | None = None,
-               lr: float | None = None):
+               lr: float | None = None, run: int = 0):
     """Train the evaluator from scratch, or continue `clip` for `minutes` more."""
     clip = clip.train() if clip is not None else make_clip(tokenizer)
     base_lr = lr or cfg.clip_lr
@@ -258,14 +275,15 @@ def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer, clip=None, minutes: fl
                                   "colour": torch.nn.Linear(dim, len(W.COLOURS)),
                                   "context": torch.nn.Linear(dim, len(contexts))})
     opt = torch.optim.AdamW([*clip.parameters(), *probes.parameters()], lr=base_lr, weight_decay=0.05)
-    rng = np.random.default_rng(cfg.seed + 2 + (0 if minutes is None else 7))
+    rng = np.random.default_rng(cfg.seed + 2 + (0 if minutes is None else 7) + 100 * run)  # new data per run
     t0, step, budget = time.time(), 0, (minutes or cfg.clip_minutes) * 60
     est_total = int(budget * 2.0)
     while time.time() - t0 < budget:
         lr = cosine_lr(step, base_lr, 100, est_total, 0.02)
         for g in opt.param_groups:
             g["lr"] = lr
-        images, _, scenes = W.batch(rng.integers(0, 2**31, cfg.clip_batch), two_object_prob=0.1)
+        scenes = contrast_batch(rng, cfg.clip_batch, cfg.clip_shape_groups)
+        images = np.stack([W.render(s) for s in scenes])
         caps = [dropout_caption(s, rng) for s in scenes]
         # multi-positive contrastive targets: caption j is true of image i when every attribute it names matches
         match = torch.tensor([[caption_matches(a, s) for _, a in caps] for s in scenes], dtype=torch.float32)
@@ -545,9 +563,15 @@ def train_all(cfg: ToyTrainConfig, resume_from: str | None = None) -> Path:
         info_path.write_text(json.dumps(info, indent=1))
         clip.eval()
     if cfg.evaluator_more_minutes > 0:  # the evaluator alone; the text encoder trains with the UNet by now
-        clip, more = train_clip(cfg, out, tokenizer, clip, minutes=cfg.evaluator_more_minutes, lr=cfg.clip_lr / 2)
-        clip.save_pretrained(model_dir / "evaluator")
-        info.setdefault("evaluator_runs", []).append(more)
+        before = quality.evaluator_accuracy(clip, tokenizer, n=1000)
+        runs = info.setdefault("evaluator_runs", [])
+        more_clip, more = train_clip(cfg, out, tokenizer, copy.deepcopy(clip), minutes=cfg.evaluator_more_minutes,
+                                     lr=cfg.clip_lr / 2, run=len(runs))
+        more["shipped"] = min(more["zero_shot_accuracy_1000"].values()) > min(before.values())  # gate: worst attribute
+        runs.append(more)
+        if more["shipped"]:
+            clip = more_clip
+            clip.save_pretrained(model_dir / "evaluator")
         info_path.write_text(json.dumps(info, indent=1))
         clip.eval()
     from transformers import CLIPTextModel
