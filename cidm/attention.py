@@ -107,4 +107,24 @@ def install_processors(unet) -> dict[str, int]:
         module = key.removesuffix(".processor")
         processors[key] = LayerwiseTextAttnProcessor(layers[module]) if module in layers else SelfAttnProcessor()
     unet.set_attn_processor(processors)
+    if unet.config.get("addition_embed_type") == "text_time" and not hasattr(unet, "_cidm_added_conditions"):
+        unet._cidm_added_conditions = unet.register_forward_pre_hook(sdxl_added_conditions, with_kwargs=True)
     return layers
+
+
+SDXL_VAE_SCALE = 8  # SDXL's VAE: pixels per latent cell
+
+
+def sdxl_added_conditions(unet, args, kwargs):
+    """SDXL's added conditions from the layer-wise text: the pooled embedding that `ConceptTokens.encode` put in its
+    last slot, and the time ids (original size, crop (0, 0), target size: the generated size, as SDXL's pipeline
+    does by default). Every CIDM call of the UNet passes `layerwise_text`, so one hook serves them all."""
+    text = (kwargs.get("cross_attention_kwargs") or {}).get("layerwise_text")
+    if text is None or kwargs.get("added_cond_kwargs") is not None:
+        return None
+    sample = args[0] if args else kwargs["sample"]
+    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    h, w = sample.shape[-2] * SDXL_VAE_SCALE, sample.shape[-1] * SDXL_VAE_SCALE
+    time_ids = torch.tensor([h, w, 0, 0, h, w], device=sample.device, dtype=text.dtype).expand(len(text), 6)
+    kwargs["added_cond_kwargs"] = {"text_embeds": text[:, -1, 0, :pooled_dim], "time_ids": time_ids}
+    return args, kwargs

@@ -41,11 +41,9 @@ def prompt_token_embeddings(tokens, prompt: str, space: str = "token") -> torch.
     tokenizer = tokens.pipe.tokenizer
     n_real = len(tokenizer(tokens.bind(prompt, 0)).input_ids)  # BOS … EOS
     if space == "encoded":
-        return tokens.encode([prompt])[0][:, 1:n_real - 1]
+        return tokens.encode([prompt])[0][:tokens.n_layers, 1:n_real - 1]
     if space == "token":
-        ids = [tokenizer(tokens.bind(prompt, l)).input_ids[1:-1] for l in range(tokens.n_layers)]
-        device = tokens.embedding.base.weight.device
-        return torch.stack([tokens.embedding(torch.tensor(i, device=device)) for i in ids])
+        return torch.stack([tokens.input_embeddings(prompt, l) for l in range(tokens.n_layers)])
     raise ValueError(f"EWA space must be 'token' or 'encoded', got {space!r}")
 
 

@@ -25,12 +25,16 @@ def token_strings(name: str, n_slots: int, n_layers: int) -> list[str]:
 
 
 class ConceptEmbedding(nn.Module):
-    """The text encoder's token embedding plus per-concept layer-wise rows (the only trainable text parameters)."""
+    """The text encoder's token embedding plus per-concept layer-wise rows (the only trainable text parameters).
+
+    With two text encoders (SDXL), both read one row per token from the same `concepts` table, each its own columns.
+    """
 
     def __init__(self, base: nn.Embedding):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.concepts = nn.ParameterDict()  # name -> (n_slots · n_layers, D)
+        self.concepts = nn.ParameterDict()  # name -> (n_slots · n_layers, D of all text encoders together)
+        self.columns = slice(0, base.embedding_dim)  # this text encoder's part of a row
         self.first_id: dict[str, int] = {}  # name -> tokenizer id of its first row
 
     @property
@@ -51,27 +55,48 @@ class ConceptEmbedding(nn.Module):
             offset = input_ids - self.first_id[name]
             mine = (offset >= 0) & (offset < rows.shape[0])
             if mine.any():
-                out = torch.where(mine[..., None], rows[offset.clamp(0, rows.shape[0] - 1)].to(out.dtype), out)
+                picked = rows[offset.clamp(0, rows.shape[0] - 1)][..., self.columns]
+                out = torch.where(mine[..., None], picked.to(out.dtype), out)
         return out
 
 
+TEXT_TOWERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))  # SD: the first; SDXL: both
+
+
 class ConceptTokens:
-    """Adds concepts' layer-wise tokens to a pipeline's tokenizer and text encoder, and binds prompts per layer."""
+    """Adds concepts' layer-wise tokens to a pipeline's tokenizer(s) and text encoder(s), and binds prompts per layer.
+
+    SDXL has two text encoders: a concept row holds both encoders' parts side by side (768 + 1280 columns), the
+    layer-wise text is both encoders' penultimate hidden states concatenated (as SDXL's pipeline does), and the pooled
+    embedding (text encoder 2) of the prompt bound for layer 0 rides in one extra slot after the L layers, which the
+    UNet hook of `attention.install_processors` turns into SDXL's added conditions.
+    """
 
     def __init__(self, pipe, n_layers: int):
         self.pipe = pipe
         self.n_layers = n_layers
-        embedding = pipe.text_encoder.get_input_embeddings()
-        if not isinstance(embedding, ConceptEmbedding):  # first use of this pipeline: keep its pristine tokenizer
-            embedding = ConceptEmbedding(embedding)
-            embedding.base_tokenizer = copy.deepcopy(pipe.tokenizer)
-            pipe.text_encoder.set_input_embeddings(embedding)
-        self.embedding = embedding
-        self.base_tokenizer = embedding.base_tokenizer
-        # a pipeline shared by several libraries (one per app session): start from the base vocabulary
-        pipe.tokenizer = copy.deepcopy(self.base_tokenizer)
-        embedding.concepts = nn.ParameterDict()
-        embedding.first_id.clear()
+        self.towers = [(tok, enc) for tok, enc in TEXT_TOWERS if getattr(pipe, enc, None) is not None]
+        self.embeddings: list[ConceptEmbedding] = []
+        shared = nn.ParameterDict()
+        start = 0
+        for tok, enc in self.towers:
+            text_encoder = getattr(pipe, enc)
+            embedding = text_encoder.get_input_embeddings()
+            if not isinstance(embedding, ConceptEmbedding):  # first use of this pipeline: keep its pristine tokenizer
+                embedding = ConceptEmbedding(embedding)
+                embedding.base_tokenizer = copy.deepcopy(getattr(pipe, tok))
+                text_encoder.set_input_embeddings(embedding)
+            # a pipeline shared by several libraries (one per app session): start from the base vocabulary
+            setattr(pipe, tok, copy.deepcopy(embedding.base_tokenizer))
+            embedding.concepts = shared
+            embedding.columns = slice(start, start + embedding.embedding_dim)
+            embedding.first_id.clear()
+            start += embedding.embedding_dim
+            self.embeddings.append(embedding)
+        self.width = start  # D of a concept row
+        self.embedding = self.embeddings[0]
+        self.base_tokenizer = self.embedding.base_tokenizer
+        self.pooled = len(self.towers) > 1  # SDXL: a pooled embedding for the UNet's added conditions
         self.slots: dict[str, int] = {}  # name -> n_slots
 
     @property
@@ -84,32 +109,48 @@ class ConceptTokens:
         if rem or n_slots < 1:
             raise ValueError(f"concept {name!r} has {rows.shape[0]} token rows; expected a multiple of the "
                              f"{self.n_layers} cross-attention layers of this model (was it learned on another base?)")
-        if rows.shape[1] != self.embedding.embedding_dim:
+        if rows.shape[1] != self.width:
             raise ValueError(f"concept {name!r} has token width {rows.shape[1]}; this text encoder has "
-                             f"{self.embedding.embedding_dim} (was it learned on another base?)")
+                             f"{self.width} (was it learned on another base?)")
         if name in self.slots:
             self.remove(name)
-        tokenizer = self.pipe.tokenizer
         strings = token_strings(name, n_slots, self.n_layers)
-        tokenizer.add_tokens(strings)
-        ids = tokenizer.convert_tokens_to_ids(strings)
-        if ids != list(range(ids[0], ids[0] + len(ids))):
-            raise RuntimeError(f"tokenizer gave non-contiguous ids to the tokens of {name!r}")
+        for (tok, _), embedding in zip(self.towers, self.embeddings):
+            tokenizer = getattr(self.pipe, tok)
+            tokenizer.add_tokens(strings)
+            ids = tokenizer.convert_tokens_to_ids(strings)
+            if ids != list(range(ids[0], ids[0] + len(ids))):
+                raise RuntimeError(f"tokenizer gave non-contiguous ids to the tokens of {name!r}")
+            embedding.first_id[name] = ids[0]
         device = self.embedding.base.weight.device
         self.embedding.concepts[name] = nn.Parameter(rows.detach().clone().to(device, torch.float32),
                                                      requires_grad=False)
-        self.embedding.first_id[name] = ids[0]
         self.slots[name] = n_slots
 
     def remove(self, name: str) -> None:
-        """Forget a concept: rebuild the tokenizer from the base one and re-add the others."""
+        """Forget a concept: rebuild the tokenizers from the base ones and re-add the others."""
         keep = {n: self.embedding.concepts[n].data for n in self.slots if n != name}
-        self.pipe.tokenizer = copy.deepcopy(self.base_tokenizer)
-        self.embedding.concepts = nn.ParameterDict()
-        self.embedding.first_id.clear()
+        for (tok, _), embedding in zip(self.towers, self.embeddings):
+            setattr(self.pipe, tok, copy.deepcopy(embedding.base_tokenizer))
+            embedding.first_id.clear()
+        for n in list(self.embedding.concepts):
+            del self.embedding.concepts[n]
         self.slots.clear()
         for n, rows in keep.items():
             self.add(n, rows)
+
+    def vocab_norm(self) -> float:
+        """Mean norm of the base vocabulary's rows (all text encoders' parts together): the embedding-norm stop's
+        reference."""
+        return sum(e.base.weight.detach().float().norm(dim=-1).mean().item() ** 2 for e in self.embeddings) ** 0.5
+
+    def input_embeddings(self, prompt: str, layer: int) -> torch.Tensor:
+        """The rows the text encoder(s) read for the layer-`layer` bound prompt, without BOS/EOS: (N, D)."""
+        parts = []
+        for (tok, _), embedding in zip(self.towers, self.embeddings):
+            ids = getattr(self.pipe, tok)(self.bind(prompt, layer)).input_ids[1:-1]
+            parts.append(embedding(torch.tensor(ids, device=embedding.base.weight.device)))
+        return torch.cat(parts, -1)
 
     def initial_rows(self, class_word: str, n_slots: int = 2, sigma: float = 0.013,
                      generator: torch.Generator | None = None, first: str = "class+noise") -> torch.Tensor:
@@ -119,9 +160,9 @@ class ConceptTokens:
         ids = self.base_tokenizer(class_word, add_special_tokens=False).input_ids
         if not ids:
             raise ValueError(f"class word {class_word!r} is empty after tokenizing; give a word such as 'dog'")
-        base = self.embedding.base.weight.detach().float().cpu()
-        class_vec = base[ids].mean(0)  # a multi-token class word: the mean of its pieces
-        noise = torch.randn(base.shape[1], generator=generator) * sigma
+        class_vec = torch.cat([e.base.weight.detach().float().cpu()[ids].mean(0)  # multi-token word: the mean
+                               for e in self.embeddings])
+        noise = torch.randn(self.width, generator=generator) * sigma
         if first not in ("random", "class+noise"):
             raise ValueError(f"first-token init must be 'random' or 'class+noise', got {first!r}")
         slot_rows = [noise if first == "random" else class_vec + noise] + [class_vec] * (n_slots - 1)
@@ -150,13 +191,27 @@ class ConceptTokens:
         return CONCEPT_REF.sub(expand, prompt)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Layer-wise text embeddings of prompts: (B, L, N, D); each layer's copy of the prompt encoded on its own."""
-        tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        """Layer-wise text embeddings of prompts: (B, L, N, D); each layer's copy of the prompt encoded on its own.
+
+        SDXL: (B, L + 1, N, D), the last slot carrying the pooled embedding in [:, L, 0, :P] (see the class).
+        """
         bound = [self.bind(p, l) for p in prompts for l in range(self.n_layers)]  # B·L prompts, prompt-major
-        ids = tokenizer(bound, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(text_encoder.device)
-        hidden = text_encoder(ids)[0]  # (B·L, N, D)
-        return hidden.view(len(prompts), self.n_layers, *hidden.shape[1:])
+        parts, pooled = [], None
+        for tok, enc in self.towers:
+            tokenizer, text_encoder = getattr(self.pipe, tok), getattr(self.pipe, enc)
+            ids = tokenizer(bound, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(text_encoder.device)
+            out = text_encoder(ids, output_hidden_states=self.pooled)
+            parts.append(out.hidden_states[-2] if self.pooled else out[0])  # SDXL: penultimate; SD: last
+            if self.pooled:
+                pooled = out[0].view(len(prompts), self.n_layers, -1)[:, 0]  # the layer-0 bound prompt's
+        hidden = torch.cat(parts, -1)
+        hidden = hidden.view(len(prompts), self.n_layers, *hidden.shape[1:])
+        if pooled is not None:
+            slot = hidden.new_zeros(len(prompts), 1, *hidden.shape[2:])
+            slot[:, 0, 0, :pooled.shape[-1]] = pooled
+            hidden = torch.cat([hidden, slot], 1)
+        return hidden
 
     def concept_embeddings(self, name: str, space: str = "token") -> torch.Tensor:
         """A task's concept embedding per layer, its slots averaged (Eq. 3's ê): (L, D).
@@ -168,13 +223,9 @@ class ConceptTokens:
         n_slots = self.slots[name]
         if space == "token":
             return self.rows(name).detach().view(n_slots, self.n_layers, -1).mean(0)
-        tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
         template = "a photo of a {}"
-        prompts = [self.bind(template.format(f"<{name}>"), l) for l in range(self.n_layers)]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(text_encoder.device)
-        hidden = text_encoder(ids)[0]  # (L, N, D)
-        first = len(tokenizer(template.format("x")).input_ids) - 2  # the concept's first slot
+        hidden = self.encode([template.format(f"<{name}>")])[0, :self.n_layers]  # (L, N, D)
+        first = len(self.pipe.tokenizer(template.format("x")).input_ids) - 2  # the concept's first slot
         return hidden[:, first:first + n_slots].mean(1)
 
     def rows(self, name: str) -> torch.Tensor:

@@ -107,12 +107,12 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     `past` are the earlier tasks' LoRAs by name (for R1); `shared` holds R2's H_i and W_* and is updated in place.
     """
     past = dict(past or {})
-    unet, vae, text_encoder, scheduler = pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler
+    unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
     device = unet.device
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     captions = captions_for(config, len(images), captions)
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, *(getattr(pipe, enc) for _, enc in tokens.towers)):
         module.requires_grad_(False)
     from diffusers import DDPMScheduler
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
@@ -152,7 +152,7 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": lora_params, "lr": config.lr_lora},
                                    {"params": [token_rows], "lr": config.lr_embedding}], weight_decay=0.01)
-    vocab_norm = tokens.embedding.base.weight.norm(dim=-1).mean().item()
+    vocab_norm = tokens.vocab_norm()
     emb_norm_threshold = config.emb_norm_ratio * vocab_norm
     use_r2 = config.use_r2 and shared is not None and bool(shared.tasks)
     if use_r2:

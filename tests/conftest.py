@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import copy
+
 import pytest
 import torch
 
@@ -35,6 +37,37 @@ def make_tiny_pipeline(seed: int = 0):
                           set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_sdxl_pipeline(seed: int = 0):
+    """A tiny SDXL pipeline: two text encoders (the second with a projection: pooled embedding), added time ids."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from cidm.toyworld.train import build_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    te = CLIPTextModel(CLIPTextConfig(**text))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=24))
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), cross_attention_dim=64, attention_head_dim=8,
+                                norm_num_groups=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=2,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=24 + 6 * 8)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        sample_size=64, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=copy.deepcopy(tok), unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
