@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -61,18 +62,29 @@ def cmd_toyworld_train(args) -> int:
 def cmd_learn(args) -> int:
     from .studio import Studio
 
-    studio = Studio(args.library, base_model=args.base_model)
+    device, main, processes = None, True, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch`: join its process group, train data-parallel
+        import torch.distributed as dist
+        from accelerate import PartialState
+
+        state = PartialState()  # GPUs: the NCCL group and this process's device
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        device, main, processes = str(state.device), dist.get_rank() == 0, dist.get_world_size()
+    studio = Studio(args.library, base_model=args.base_model, device=device)
     settings = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("rank", args.rank)) if v is not None}
     every = max(1, min(50, (args.steps or 800) // 20))
 
     def progress(step, terms):
-        if step % every == 0:
+        if main and step % every == 0:
             print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in terms.items()), flush=True)
 
     result = studio.learn(args.name, args.images, args.class_word, args.kind, replace=args.replace,
                           progress=progress, **settings)
-    print(f"learned <{result.name}> in {result.seconds:.1f} s ({result.steps_done} steps); library: "
-          f"{', '.join(studio.names)}")
+    if main:
+        where = f" × {processes} processes, data-parallel" if processes > 1 else ""
+        print(f"learned <{result.name}> in {result.seconds:.1f} s ({result.steps_done} steps{where}); library: "
+              f"{', '.join(studio.names)}")
     return 0
 
 

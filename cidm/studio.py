@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ from .losses import TaskSharedKnowledge
 from .methods import get_method
 from .models import load_base
 from .tokens import ConceptTokens
-from .train import TaskConfig, TaskResult, learn_task
+from .train import TaskConfig, TaskResult, data_parallel, learn_task
 
 TOKENS_FILE = "tokens.safetensors"
 FISHER_FILE = "ewc_fisher.safetensors"  # EWC: cumulative diagonal Fisher up to this task
@@ -90,6 +91,14 @@ class Studio:
         shared = self.shared
         if shared is not None and config.r2_rank != shared.rank:
             config = dataclasses.replace(config, r2_rank=shared.rank)
+        if data_parallel()[0] > 0:  # a helper process of `accelerate launch`: trains in step, writes nothing
+            fisher = load_fisher(self.library.concept_dir(self.names[-1])) if config.ewc_lambda > 0 and self.names \
+                else None
+            with tempfile.TemporaryDirectory() as tmp:
+                result = learn_task(self.pipe, self.tokens, config, pixels, Path(tmp), past=past, shared=shared,
+                                    captions=captions, fisher=fisher)
+            self._forget(name)  # back to the library as it was; the main process writes the new concept
+            return result
         with self.library.staging() as stage:
             folder = stage / name
             folder.mkdir()

@@ -109,8 +109,9 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     past = dict(past or {})
     unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
     device = unet.device
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    rank, world = data_parallel()
+    generator = torch.Generator().manual_seed(config.seed + 7919 * rank)  # data parallel: each process its batches
+    torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
     captions = captions_for(config, len(images), captions)
     for module in (unet, vae, *(getattr(pipe, enc) for _, enc in tokens.towers)):
         module.requires_grad_(False)
@@ -224,6 +225,8 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
                             / (past_sum[m] ** 2).mean().clamp(min=1e-12) for m in past_sum)
                 loss = loss + config.clora_lambda * clora
             loss.backward()
+            if world > 1:
+                average_gradients(lora_params + [token_rows], world)
             torch.nn.utils.clip_grad_norm_(lora_params + [token_rows], config.grad_clip)
             if token_rows.grad is not None and token_rows.detach().norm(dim=-1).mean() >= emb_norm_threshold:
                 token_rows.grad = None  # embedding-norm stop (official code: 0.55 on SD-1.5)
@@ -259,6 +262,8 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
 
     # 3. Save the task learner, take the LoRA off the UNet (θ0 again)
     unet.eval()
+    if world > 1 and not cancelled:
+        check_in_sync(lora_params + [token_rows])
     token_rows.requires_grad_(False)
     new_fisher = None
     if not cancelled and config.ewc_lambda > 0:
@@ -276,6 +281,37 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
         shared.remove_task(config.name)
     return TaskResult(config.name, step, time.time() - t0, cancelled, terms, token_rows.detach().cpu().clone(),
                       new_fisher)
+
+
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size) under `accelerate launch` (its process group), (0, 1) in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Data parallel: every process holds the same weights and averages its gradients with the others' (what DDP
+    does, here over the few LoRA and token tensors, which live in two modules)."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+
+def check_in_sync(params: list[torch.Tensor]) -> None:
+    """After data-parallel training every process must hold identical weights; say so loudly if not."""
+    import torch.distributed as dist
+
+    local = torch.stack([p.detach().double().sum() for p in params]).cpu()
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, local)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("data-parallel processes ended with different weights; report this with your command")
 
 
 def relevant_prompt(config: TaskConfig) -> str:
