@@ -73,6 +73,8 @@ def cmd_learn(args) -> int:
         device, main, processes = str(state.device), dist.get_rank() == 0, dist.get_world_size()
     studio = Studio(args.library, base_model=args.base_model, device=device)
     settings = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("rank", args.rank)) if v is not None}
+    settings.update(mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                    use_8bit_adam=args.use_8bit_adam)
     every = max(1, min(50, (args.steps or 800) // 20))
 
     def progress(step, terms):
@@ -173,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--replace", action="store_true", help="replace a concept of the same name")
     p.add_argument("--base-model")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="autocast precision of the forward passes (GPU memory and speed); LoRA stays fp32")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less GPU memory")
+    p.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (needs bitsandbytes)")
     p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("generate", help="generate images; prompts may name learned concepts as <name>")

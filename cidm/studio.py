@@ -206,7 +206,11 @@ class Studio:
             self.shared.remove_task(name)
 
     def _reload(self) -> None:
-        """Back to exactly what the library on disk holds (after a cancelled or failed task)."""
+        """Back to exactly what the library on disk holds (after a cancelled or failed task), with the UNet at θ0."""
+        from .attention import install_processors
+
+        lora_lib.remove_lora(self.pipe.unet)
+        install_processors(self.pipe.unet)
         for name in list(self.tokens.names):
             self.tokens.remove(name)
         self.loras.clear()

@@ -67,6 +67,10 @@ class TaskConfig:
     lfs_lambda: float = 0.0  # LFS-Diffusion: weight of the distillation along the teacher's trajectory (0: off)
     lfs_trajectory_steps: int = 25  # LFS: sampling steps of one teacher trajectory (DDPM, as the paper's figure)
     lfs_refresh: int = 25  # LFS: a new teacher trajectory every this many training steps
+    # GPU memory knobs (no effect on the method): autocast precision, activation recomputation, 8-bit AdamW
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False  # needs bitsandbytes
 
 
 @dataclasses.dataclass
@@ -113,6 +117,8 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     generator = torch.Generator().manual_seed(config.seed + 7919 * rank)  # data parallel: each process its batches
     torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
     captions = captions_for(config, len(images), captions)
+    autocast = precision_context(config.mixed_precision, device)  # bad settings fail here, before any change
+    adamw = optimizer_class(config.use_8bit_adam)
     for module in (unet, vae, *(getattr(pipe, enc) for _, enc in tokens.towers)):
         module.requires_grad_(False)
     from diffusers import DDPMScheduler
@@ -129,6 +135,11 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     token_rows = tokens.rows(config.name)
     token_rows.requires_grad_(True)
     lora_lib.add_task_lora(unet, config.name, config.rank, config.lora_targets)
+    for p in unet.parameters():  # fp32 master weights of the LoRA, also on an fp16 base
+        if p.requires_grad:
+            p.data = p.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     layers = install_processors(unet)
     current = lora_lib.live_weights(unet, config.name)
     if config.init_from_previous and past:
@@ -151,8 +162,8 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     if config.train_on_merged_past and past:
         merged_past = merged(unet, layers, list(past.values()), torch.ones(len(layers), len(past)))
     lora_params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": config.lr_lora},
-                                   {"params": [token_rows], "lr": config.lr_embedding}], weight_decay=0.01)
+    optimizer = adamw([{"params": lora_params, "lr": config.lr_lora},
+                       {"params": [token_rows], "lr": config.lr_embedding}], weight_decay=0.01)
     vocab_norm = tokens.vocab_norm()
     emb_norm_threshold = config.emb_norm_ratio * vocab_norm
     use_r2 = config.use_r2 and shared is not None and bool(shared.tasks)
@@ -180,50 +191,51 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
                               generator=generator)
             noisy = noise_scheduler.add_noise(latents, noise, t.to(device))
-            text = tokens.encode([captions[i] for i in idx.tolist()])  # (B, L, N, D), grads reach the token rows
-            noise_pred = unet(noisy, t.to(device), encoder_hidden_states=text[:, 0],
-                              cross_attention_kwargs={"layerwise_text": text.to(unet.dtype)}).sample
+            with autocast():  # mixed precision (fp16/bf16) when asked; LoRA and tokens stay fp32
+                text = tokens.encode([captions[i] for i in idx.tolist()])  # (B, L, N, D); grads reach the rows
+                noise_pred = unet(noisy, t.to(device), encoder_hidden_states=text[:, 0],
+                                  cross_attention_kwargs={"layerwise_text": text.to(unet.dtype)}).sample
 
-            # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
-            diffusion = diffusion_loss(noise_pred, noise)
-            r1 = torch.zeros(())
-            if config.use_r1 and past:
-                r1 = orthogonal_subspace_loss(current, list(past.values()), config.r1_reduction, config.r1_form)
-            r2 = shared.task_shared_loss(config.name, current) if use_r2 else torch.zeros(())
-            loss = diffusion + config.gamma1 * r1 + config.gamma2 * r2
-            if ewc_anchor:  # EWC: Σ F̂ (θ − θ*)²
-                ewc = sum((f * ((current.up if part == "up" else current.down)[m] - anchor) ** 2).sum()
-                          for (m, part), (anchor, f) in ewc_anchor.items())
-                loss = loss + config.ewc_lambda * ewc
-            if config.lwf_lambda > 0 and past:  # LwF: match the previous model on an old concept's prompt
-                old = list(past)[int(torch.randint(0, len(past), (1,), generator=generator))]
-                old_text = tokens.encode([OBJECT_TEMPLATES[0].format(f"<{old}>")] * config.batch_size)
-                old_kwargs = {"layerwise_text": old_text.to(unet.dtype)}
-                with torch.no_grad():  # teacher: θ0 + the previous task's LoRA, the current adapter off
-                    unet.disable_adapters()
-                    with merged(unet, layers, [list(past.values())[-1]], torch.ones(len(layers), 1)):
-                        teacher = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
-                                       cross_attention_kwargs=old_kwargs).sample
-                    unet.enable_adapters()
-                student = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
-                               cross_attention_kwargs=old_kwargs).sample
-                loss = loss + config.lwf_lambda * diffusion_loss(student, teacher)
-            if config.lfs_lambda > 0 and past:  # LFS: student matches the teacher at the teacher's own latents
-                if (step - 1) % config.lfs_refresh == 0:  # alternate the relevant (class) and a previous concept
+                # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
+                diffusion = diffusion_loss(noise_pred, noise)
+                r1 = torch.zeros(())
+                if config.use_r1 and past:
+                    r1 = orthogonal_subspace_loss(current, list(past.values()), config.r1_reduction, config.r1_form)
+                r2 = shared.task_shared_loss(config.name, current) if use_r2 else torch.zeros(())
+                loss = diffusion + config.gamma1 * r1 + config.gamma2 * r2
+                if ewc_anchor:  # EWC: Σ F̂ (θ − θ*)²
+                    ewc = sum((f * ((current.up if part == "up" else current.down)[m] - anchor) ** 2).sum()
+                              for (m, part), (anchor, f) in ewc_anchor.items())
+                    loss = loss + config.ewc_lambda * ewc
+                if config.lwf_lambda > 0 and past:  # LwF: match the previous model on an old concept's prompt
                     old = list(past)[int(torch.randint(0, len(past), (1,), generator=generator))]
-                    kd_prompt = relevant_prompt(config) if (step - 1) // config.lfs_refresh % 2 == 0 else \
-                        OBJECT_TEMPLATES[0].format(f"<{old}>")
-                    trajectory = teacher_trajectory(unet, layers, list(past.values())[-1], tokens, kd_prompt,
-                                                    noise_scheduler, latents.shape, config, generator)
-                k = int(torch.randint(0, len(trajectory["t"]), (1,), generator=generator))
-                kd_text = trajectory["text"]
-                student = unet(trajectory["z"][k], trajectory["t"][k], encoder_hidden_states=kd_text[:, 0],
-                               cross_attention_kwargs={"layerwise_text": kd_text}).sample
-                loss = loss + config.lfs_lambda * diffusion_loss(student, trajectory["eps"][k])
-            if past_sum:  # C-LoRA: ‖ |Σ_past ΔW| ⊙ ΔW_g ‖², normalised by the mean square of Σ_past ΔW
-                clora = sum(((past_sum[m] * current.delta(m)) ** 2).sum()
-                            / (past_sum[m] ** 2).mean().clamp(min=1e-12) for m in past_sum)
-                loss = loss + config.clora_lambda * clora
+                    old_text = tokens.encode([OBJECT_TEMPLATES[0].format(f"<{old}>")] * config.batch_size)
+                    old_kwargs = {"layerwise_text": old_text.to(unet.dtype)}
+                    with torch.no_grad():  # teacher: θ0 + the previous task's LoRA, the current adapter off
+                        unet.disable_adapters()
+                        with merged(unet, layers, [list(past.values())[-1]], torch.ones(len(layers), 1)):
+                            teacher = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
+                                           cross_attention_kwargs=old_kwargs).sample
+                        unet.enable_adapters()
+                    student = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
+                                   cross_attention_kwargs=old_kwargs).sample
+                    loss = loss + config.lwf_lambda * diffusion_loss(student, teacher)
+                if config.lfs_lambda > 0 and past:  # LFS: student matches the teacher at the teacher's own latents
+                    if (step - 1) % config.lfs_refresh == 0:  # alternate the relevant (class) and a previous concept
+                        old = list(past)[int(torch.randint(0, len(past), (1,), generator=generator))]
+                        kd_prompt = relevant_prompt(config) if (step - 1) // config.lfs_refresh % 2 == 0 else \
+                            OBJECT_TEMPLATES[0].format(f"<{old}>")
+                        trajectory = teacher_trajectory(unet, layers, list(past.values())[-1], tokens, kd_prompt,
+                                                        noise_scheduler, latents.shape, config, generator)
+                    k = int(torch.randint(0, len(trajectory["t"]), (1,), generator=generator))
+                    kd_text = trajectory["text"]
+                    student = unet(trajectory["z"][k], trajectory["t"][k], encoder_hidden_states=kd_text[:, 0],
+                                   cross_attention_kwargs={"layerwise_text": kd_text}).sample
+                    loss = loss + config.lfs_lambda * diffusion_loss(student, trajectory["eps"][k])
+                if past_sum:  # C-LoRA: ‖ |Σ_past ΔW| ⊙ ΔW_g ‖², normalised by the mean square of Σ_past ΔW
+                    clora = sum(((past_sum[m] * current.delta(m)) ** 2).sum()
+                                / (past_sum[m] ** 2).mean().clamp(min=1e-12) for m in past_sum)
+                    loss = loss + config.clora_lambda * clora
             loss.backward()
             if world > 1:
                 average_gradients(lora_params + [token_rows], world)
@@ -262,6 +274,8 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
 
     # 3. Save the task learner, take the LoRA off the UNet (θ0 again)
     unet.eval()
+    if config.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
     if world > 1 and not cancelled:
         check_in_sync(lora_params + [token_rows])
     token_rows.requires_grad_(False)
@@ -281,6 +295,26 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
         shared.remove_task(config.name)
     return TaskResult(config.name, step, time.time() - t0, cancelled, terms, token_rows.detach().cpu().clone(),
                       new_fisher)
+
+
+def precision_context(mixed_precision: str, device: torch.device):
+    """A context that runs the forward passes in fp16/bf16 autocast, or a no-op for "no"."""
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if mixed_precision == "no":
+        return contextlib.nullcontext
+    if mixed_precision not in dtypes:
+        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    return lambda: torch.autocast(device.type, dtype=dtypes[mixed_precision])
+
+
+def optimizer_class(use_8bit_adam: bool):
+    if not use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ValueError("8-bit Adam needs bitsandbytes: pip install bitsandbytes (GPU), or leave it off") from err
+    return bnb.optim.AdamW8bit
 
 
 def data_parallel() -> tuple[int, int]:
