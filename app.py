@@ -21,7 +21,7 @@ from PIL import Image
 
 from cidm import models
 from cidm.bench import EXAMPLES
-from cidm.library import LibraryError
+from cidm.library import Library, LibraryError
 from cidm.studio import Studio
 
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
@@ -30,11 +30,16 @@ _BASE: dict = {}  # the base pipeline, loaded once on first use (keeps start-up 
 _ACTIVE: dict = {}  # the Studio of the library in use (one at a time: requests are serialised)
 _CANCEL: dict[str, threading.Event] = {}
 USER_ERRORS = (ValueError, LibraryError, models.BaseModelError, FileNotFoundError)
+CANVAS = 512  # pixels of the Compose canvas at least (the toy world's 64-px images are too small to draw on)
+
+
+_LOAD_LOCK = threading.Lock()  # page-load events run in threads; model loading must happen once, not concurrently
 
 
 def base():
-    if "pipe" not in _BASE:
-        _BASE["pipe"], _BASE["info"] = models.load_base()
+    with _LOAD_LOCK:  # two concurrent loads break each other (transformers materialises weights from "meta")
+        if "pipe" not in _BASE:
+            _BASE["pipe"], _BASE["info"] = models.load_base()
     return _BASE["pipe"], _BASE["info"]
 
 
@@ -47,10 +52,11 @@ def library_path(request: gr.Request | None) -> Path:
 
 def studio(request: gr.Request | None) -> Studio:
     path = library_path(request)
-    if _ACTIVE.get("path") != path:
-        pipe, info = base()
-        _ACTIVE.update(path=path, studio=Studio(path, pipe=pipe, info=info))
-    return _ACTIVE["studio"]
+    pipe, info = base()
+    with _LOAD_LOCK:
+        if _ACTIVE.get("path") != path:
+            _ACTIVE.update(path=path, studio=Studio(path, pipe=pipe, info=info))
+        return _ACTIVE["studio"]
 
 
 def user_error(err: Exception) -> gr.Error:
@@ -58,8 +64,10 @@ def user_error(err: Exception) -> gr.Error:
 
 
 def concept_names(request: gr.Request | None) -> list[str]:
+    """The session's concepts, read from its library on disk (never switches the shared model's active library,
+    which a training of another session may be using)."""
     try:
-        return studio(request).names
+        return Library(library_path(request), read_only=True).names
     except USER_ERRORS:
         return []
 
@@ -171,7 +179,7 @@ def build_generate_tab():
 
 def blank_canvas(request: gr.Request = None):
     """An empty canvas of the output size whose box labels are the session's concepts."""
-    size = base()[1].resolution
+    size = max(base()[1].resolution, CANVAS)  # boxes are read relative to the canvas, so it can be drawn on large
     names = concept_names(request)
     return image_annotator(value={"image": Image.new("RGB", (size, size), (235, 235, 235)), "boxes": []},
                            label_list=names or ["(learn a concept first)"])
@@ -182,19 +190,26 @@ def compose(annotation, prompt, box_prompts, steps, guidance, seed, request: gr.
     boxes = (annotation or {}).get("boxes") or []
     if not boxes:
         raise gr.Error("No boxes: draw a box on the canvas for each concept, and pick its label.")
+    canvas = annotation.get("image")
+    if canvas is None:  # boxes without a canvas (API callers): pixels of the output image
+        cw = ch = base()[1].resolution
+    else:
+        cw, ch = canvas.size if isinstance(canvas, Image.Image) else Image.open(canvas).size
     overrides = [line.strip() for line in (box_prompts or "").splitlines()]
     regions = []
     for i, b in enumerate(boxes):
         label = b.get("label") or ""
         text = overrides[i] if i < len(overrides) and overrides[i] else (f"a photo of a <{label}>" if label else "")
-        regions.append(((b["xmin"], b["ymin"], b["xmax"], b["ymax"]), text))
+        box = (b["xmin"] / cw, b["ymin"] / ch, b["xmax"] / cw, b["ymax"] / ch)  # relative: any canvas size
+        regions.append((box, text))
     try:
         image = studio(request).compose(prompt, regions, steps=int(steps), guidance=float(guidance),
                                         seed=int(seed))[0]
     except USER_ERRORS as err:
         raise user_error(err) from err
-    return image, (image, [((int(b["xmin"]), int(b["ymin"]), int(b["xmax"]), int(b["ymax"])), r[1])
-                           for b, r in zip(boxes, regions)])
+    w, h = image.size
+    return image, (image, [((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)), text)
+                           for (x0, y0, x1, y1), text in regions])
 
 
 def build_compose_tab():
@@ -211,8 +226,8 @@ def build_compose_tab():
             seed = gr.Number(label="Seed", value=0, precision=0)
             button = gr.Button("Compose", variant="primary")
         with gr.Column():
-            image = gr.Image(label="Image", type="pil")
-            layout = gr.AnnotatedImage(label="Boxes over the image")
+            image = gr.Image(label="Image", type="pil", height=384)
+            layout = gr.AnnotatedImage(label="Boxes over the image", height=384)
     button.click(compose, [canvas, prompt, box_prompts, steps, guidance, seed], [image, layout], api_name="compose",
                  concurrency_id="gpu")
     fresh.click(blank_canvas, None, canvas, api_name="canvas")
@@ -274,7 +289,7 @@ def build_forgetting_tab():
     with gr.Row():
         heatmap = gr.Plot(label="IA heatmap")
         lines = gr.Plot(label="IA over tasks")
-    refresh.click(forgetting, None, [table, grid, heatmap, lines], api_name="forgetting")
+    refresh.click(forgetting, None, [table, grid, heatmap, lines], api_name="forgetting", concurrency_id="gpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,11 +297,14 @@ def build_forgetting_tab():
 
 
 def library_view(request: gr.Request = None):
-    s = studio(request)
+    try:
+        lib = Library(library_path(request), read_only=True)  # reading only: safe beside a running task
+    except USER_ERRORS as err:
+        raise user_error(err) from err
     rows = [[n, r["class_word"], r["kind"], r["task"], r["created"], r.get("seconds", "")]
-            for n, r in ((n, s.library.record(n)) for n in s.names)]
-    images = [(str(p), f"<{n}>") for n in s.names for p in sorted((s.library.concept_dir(n) / "images").glob("*"))[:2]]
-    return rows, images, gr.update(choices=s.names, value=None)
+            for n, r in ((n, lib.record(n)) for n in lib.names)]
+    images = [(str(p), f"<{n}>") for n in lib.names for p in sorted((lib.concept_dir(n) / "images").glob("*"))[:2]]
+    return rows, images, gr.update(choices=lib.names, value=None)
 
 
 @spaces.GPU(duration=30)
@@ -301,7 +319,7 @@ def delete(name, request: gr.Request = None):
 
 
 def download(request: gr.Request = None):
-    root = studio(request).library.root
+    root = library_path(request)
     if not (root / "library.json").exists():
         raise gr.Error("The library is empty: learn a concept first.")
     archive = shutil.make_archive(str(Path(tempfile.mkdtemp()) / "cidm-library"), "zip", root)
@@ -313,7 +331,7 @@ def push(repo_id, private, oauth_token: gr.OAuthToken | None = None, request: gr
 
     token = oauth_token.token if oauth_token is not None else os.environ.get("HF_TOKEN")
     try:
-        url = push_library(studio(request).library.root, repo_id.strip(), token, private=private)
+        url = push_library(library_path(request), repo_id.strip(), token, private=private)
     except USER_ERRORS as err:
         raise user_error(err) from err
     return f"Pushed to {url}"

@@ -34,11 +34,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def generate_set(studio: Studio, prompts: list[str], seeds: list[int], steps: int, guidance: float):
+def generate_set(studio: Studio, prompts: list[str], n_images: int, steps: int, guidance: float, seed: int = 0):
+    """n_images per prompt, generated as one batch from `seed` (the same initial noise for every method)."""
     images = []
     for p in prompts:
-        for s in seeds:
-            images += studio.generate(p, steps=steps, guidance=guidance, seed=s)
+        images += studio.generate(p, steps=steps, guidance=guidance, seed=seed, num_images=n_images)
     return images
 
 
@@ -54,7 +54,6 @@ def run_core_bench(out: Path, base_model: str | None = None, concepts: Path = EX
     if studio.names:
         raise ValueError(f"{out / 'library'} already holds concepts; give an empty --out")
     evaluator = Evaluator(studio.info.evaluator, str(studio.pipe.device))
-    seed_list = list(range(seeds))
     report: dict = {"base_model": studio.info.source, "steps": steps, "tasks": order, "learn_seconds": {}}
 
     # 1. Learn the sequence, timing each task
@@ -69,8 +68,8 @@ def run_core_bench(out: Path, base_model: str | None = None, concepts: Path = EX
             rows = []
             for n in studio.names:
                 cn = spec["concepts"][n]
-                gen = generate_set(studio, cn["eval_prompts"][:prompts], seed_list, gen_steps, guidance)
-                plain = generate_set(studio, cn["eval_texts"][:prompts], seed_list, gen_steps, guidance)
+                gen = generate_set(studio, cn["eval_prompts"][:prompts], seeds, gen_steps, guidance, seed)
+                plain = generate_set(studio, cn["eval_texts"][:prompts], seeds, gen_steps, guidance, seed)
                 rows.append([n, image_alignment(evaluator, gen, cn["reference_images"]),
                              image_alignment(evaluator, plain, cn["reference_images"])])
                 gen[0].save(out / f"sample_{n}.png")
@@ -246,11 +245,8 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
                          steps=steps, batch_size=batch_size, seed=seed)
             for n in order[:t]:
                 cn = spec["concepts"][n]
-                gen, texts = [], []
-                for p, text in list(zip(cn["eval_prompts"], cn["eval_texts"]))[:prompts]:
-                    for s in range(images):
-                        gen += studio.generate(p, steps=gen_steps, guidance=guidance, seed=seed + s)
-                        texts.append(text)
+                gen = generate_set(studio, cn["eval_prompts"][:prompts], images, gen_steps, guidance, seed)
+                texts = [text for text in cn["eval_texts"][:prompts] for _ in range(images)]
                 ia[n][t] = image_alignment(evaluator, gen, cn["reference_images"])
                 ta[n][t] = text_alignment(evaluator, gen, texts)
             print(f"{method}: after task {t} ({name}) avg IA {sum(ia[n][t] for n in order[:t]) / t:.1f}",

@@ -51,10 +51,12 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 class Library:
     """A concept library on disk (created on first write)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, read_only: bool = False):
+        """`read_only`: only read the manifest (safe beside a writer in another thread; nothing is swept)."""
         self.root = Path(root).expanduser()
         self.manifest = self._read()
-        self._sweep()
+        if not read_only:
+            self._sweep()
 
     def _read(self) -> dict:
         path = self.root / MANIFEST

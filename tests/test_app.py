@@ -80,7 +80,13 @@ def test_learn_then_use_compose_forget_and_manage_the_library(app, tmp_path):
 
     image, (_, boxes) = app.compose({"boxes": [{"xmin": 0, "ymin": 0, "xmax": 32, "ymax": 32, "label": "medic"}]},
                                     "a photo on a beach", "", 2, 5.0, 0)
-    assert image.size == (64, 64) and boxes[0][1] == "a photo of a <medic>"
+    assert image.size == (64, 64) and boxes[0] == ((0, 0, 32, 32), "a photo of a <medic>")
+    blank = app.blank_canvas().value["image"]  # drawn large, read relative to its size
+    assert Image.open(blank["path"] if isinstance(blank, dict) else blank).size == (512, 512)
+    canvas = Image.new("RGB", (512, 512))
+    _, (_, boxes) = app.compose({"image": canvas, "boxes": [{"xmin": 256, "ymin": 0, "xmax": 512, "ymax": 128,
+                                                             "label": "medic"}]}, "a photo on a beach", "", 2, 5.0, 0)
+    assert boxes[0][0] == (32, 0, 64, 16)
     with pytest.raises(gr.Error, match="No boxes"):
         app.compose({"boxes": []}, "a photo", "", 2, 5.0, 0)
 
