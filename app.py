@@ -331,10 +331,29 @@ def push(repo_id, private, oauth_token: gr.OAuthToken | None = None, request: gr
 
     token = oauth_token.token if oauth_token is not None else os.environ.get("HF_TOKEN")
     try:
-        url = push_library(library_path(request), repo_id.strip(), token, private=private)
+        url = push_library(library_path(request), (repo_id or "").strip(), token, private=private,
+                           endpoint=os.environ.get("HF_ENDPOINT"))
     except USER_ERRORS as err:
         raise user_error(err) from err
     return f"Pushed to {url}"
+
+
+def pull(repo_id, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None):
+    """Load a library from the Hub into this session's (empty) library."""
+    from cidm.hub import pull_library
+
+    token = oauth_token.token if oauth_token is not None else os.environ.get("HF_TOKEN")
+    path = library_path(request)
+    pipe, info = base()
+    try:
+        pull_library((repo_id or "").strip(), path, token, endpoint=os.environ.get("HF_ENDPOINT"),
+                     base=(info.source, info.num_cross_attn_layers))
+    except USER_ERRORS as err:
+        raise user_error(err) from err
+    with _LOAD_LOCK:
+        _ACTIVE.clear()  # the next use loads the pulled library
+    rows, images, names = library_view(request)
+    return rows, images, names, f"Loaded {len(rows)} concepts from `{repo_id.strip()}`."
 
 
 def build_library_tab():
@@ -351,11 +370,13 @@ def build_library_tab():
         repo = gr.Textbox(label="Hub repo id", placeholder="your-name/my-concepts")
         private = gr.Checkbox(label="Private", value=True)
         upload = gr.Button("Push to the Hub")
+        download_hub = gr.Button("Load from the Hub (into an empty library)")
     status = gr.Markdown()
     refresh.click(library_view, None, [table, images, name], api_name="library")
     remove.click(delete, name, [table, images, name], api_name="delete", concurrency_id="gpu")
     zipped.click(download, None, zipped, api_name="download")
     upload.click(push, [repo, private], status, api_name="push")
+    download_hub.click(pull, repo, [table, images, name, status], api_name="pull", concurrency_id="gpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -84,3 +84,30 @@ def test_learn_compose_and_forgetting_through_the_api_with_isolated_sessions(url
     assert not [r for r in rows_of(rows) if any(r)]
     with pytest.raises(Exception, match="unknown concept <medic>"):
         bob.predict("a photo of a <medic>", "", 1, 2, 5.0, 0, api_name="/generate")
+
+
+def test_push_and_pull_through_the_api_against_a_fake_hub(url, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from gradio_client import Client, handle_file
+
+    from fake_hub import FakeHub
+
+    fake = FakeHub()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)  # the app passes HF_ENDPOINT on, as the Hub client reads it
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")  # off a Space the push uses HF_TOKEN (no login button)
+    carol = Client(url, verbose=False)
+    files = [handle_file(p) for p in photos(tmp_path, "medic")]
+    carol.predict(files, "medic", "square", "object", 10, 0, False, api_name="/learn")
+    status = carol.predict("me/carol-concepts", True, api_name="/push")
+    assert "Pushed to" in status and fake.tokens == {"hf_from_env"}
+    pushed = fake.repos["me/carol-concepts"]
+    assert "medic/pytorch_lora_weights.safetensors" in pushed and "cidm" in pushed["medic/README.md"].decode()
+
+    dave = Client(url, verbose=False)  # another visitor, with an empty library
+    table, _, _, status = dave.predict("me/carol-concepts", api_name="/pull")
+    assert [row[0] for row in rows_of(table)] == ["medic"] and "Loaded 1 concepts" in status
+    gallery = dave.predict("a photo of a <medic>", "", 1, 2, 5.0, 0, api_name="/generate")
+    assert len(gallery) == 1
+    with pytest.raises(Exception, match="already has concepts"):  # nothing the user has is overwritten
+        dave.predict("me/carol-concepts", api_name="/pull")
