@@ -86,26 +86,24 @@ def test_ewc_stores_a_cumulative_fisher_and_pulls_towards_the_previous_lora(base
     assert all((second[k] >= first[k] - 1e-12).all() for k in first)  # cumulative
 
 
-def test_lwf_distillation_leaves_adapters_enabled_and_changes_training(base, tmp_path):
-    plain = fresh(base, tmp_path / "ft2", "finetune")
-    lwf = fresh(base, tmp_path / "lwf", "lwf")
-    for s in (plain, lwf):
+def distilled_beside_finetuning(base, tmp_path, method):
+    """Two tasks learned with finetuning and with a distillation method; asserts the distillation changed task 2."""
+    plain, other = fresh(base, tmp_path / "ft", "finetune"), fresh(base, tmp_path / method, method)
+    for s in (plain, other):
         s.record_forgetting = False
         learn(s, "medic", steps=2)
         learn(s, "bolt", steps=3)
-    a, b = plain.loras["bolt"], lwf.loras["bolt"]
+    a, b = plain.loras["bolt"], other.loras["bolt"]
     assert any(not torch.equal(a.up[m], b.up[m]) for m in a.up)  # the distillation term changed the updates
+    return plain, other
+
+
+def test_lwf_distillation_leaves_adapters_enabled_and_changes_training(base, tmp_path):
+    distilled_beside_finetuning(base, tmp_path, "lwf")
 
 
 def test_lfs_distils_from_the_teacher_and_generates_from_each_concepts_vision_context(base, tmp_path):
-    plain = fresh(base, tmp_path / "ft3", "finetune")
-    lfs = fresh(base, tmp_path / "lfs", "lfs")
-    for s in (plain, lfs):
-        s.record_forgetting = False
-        learn(s, "medic", steps=2)
-        learn(s, "bolt", steps=3)
-    a, b = plain.loras["bolt"], lfs.loras["bolt"]
-    assert any(not torch.equal(a.up[m], b.up[m]) for m in a.up)  # the distillation term changed the updates
+    plain, lfs = distilled_beside_finetuning(base, tmp_path, "lfs")
     assert all((lfs.library.concept_dir(n) / "context.png").exists() for n in ("medic", "bolt"))
     assert not (plain.library.concept_dir("medic") / "context.png").exists()
     # a prompt naming <medic> starts from medic's vision context: the less it is re-noised, the closer it stays
