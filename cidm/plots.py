@@ -39,7 +39,7 @@ def ia_heatmap(scores: dict[int, dict[str, float]], names: list[str], title: str
 
     m = ia_matrix(scores, names)
     tasks = sorted(scores)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(tasks), 1.0 + 0.45 * len(names)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.6 * len(tasks)), max(2.5, 1.0 + 0.45 * len(names))))
     im = ax.imshow(m, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(tasks)), [str(t) for t in tasks])
     ax.set_yticks(range(len(names)), [f"<{n}>" for n in names])

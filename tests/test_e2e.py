@@ -2,6 +2,7 @@
 screenshots of each tab. Skips, saying why, where no browser is installed (downloading one is not possible)."""
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -11,6 +12,7 @@ from PIL import Image
 
 from cidm.toyworld import concepts as C
 
+NAME = "my-medic"  # the concept the browser learns
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine: apt-get install chromium")
 
@@ -27,7 +29,10 @@ def served(tiny_model_dir, tmp_path, monkeypatch):
 
     # the README's screenshots: CIDM_E2E_BASE_MODEL=cidm/toyworld/model CIDM_SCREENSHOTS=docs/screenshots
     monkeypatch.setenv("CIDM_BASE_MODEL", os.environ.get("CIDM_E2E_BASE_MODEL", str(tiny_model_dir)))
-    monkeypatch.delenv("CIDM_LIBRARY", raising=False)
+    if os.environ.get("CIDM_E2E_LIBRARY"):  # screenshots over a library with history (e.g. a `bench --core` one)
+        monkeypatch.setenv("CIDM_LIBRARY", os.environ["CIDM_E2E_LIBRARY"])
+    else:
+        monkeypatch.delenv("CIDM_LIBRARY", raising=False)
     monkeypatch.setattr(app_module, "SESSIONS", tmp_path / "sessions")
     app_module._BASE.clear()
     app_module._ACTIVE.clear()
@@ -53,20 +58,23 @@ def test_browser_learns_generates_and_composes(served, tmp_path):
         page.goto(served)
         page.get_by_role("tab", name="Learn a concept").click()
         page.locator("input[type=file]").first.set_input_files(photos)
-        page.get_by_label("Name (written <name> in prompts)").fill("medic")
+        page.get_by_label("Name (written <name> in prompts)").fill(NAME)
         page.get_by_label("What is it? (class word)").fill("square")
         page.locator("input[type=number][aria-label^='number input for Training steps']").fill("10")
         page.get_by_role("button", name="Learn", exact=True).click()
         page.get_by_text("Learned", exact=False).first.wait_for(timeout=120_000)
-        assert "<medic>" in page.inner_text("body")
+        assert f"<{NAME}>" in page.inner_text("body")
         page.screenshot(path=str(shots / "learn.png"), full_page=True)
 
         page.get_by_role("tab", name="Generate").click()
         prompt = page.get_by_label("Prompt (name your concepts as <name>)")
-        prompt.fill("a photo of a <medic> on a beach")
+        prompt.fill(f"a photo of a <{NAME}> on a beach")
         page.get_by_role("button", name="Generate", exact=True).click()
         page.locator("[data-testid='image'] img, .gallery-item img, button.thumbnail-item img").first.wait_for(
             timeout=60_000)
+        page.get_by_role("button", name="Generate", exact=True).wait_for(state="visible")
+        page.wait_for_function("() => document.querySelectorAll('.pending, .generating').length === 0",
+                               timeout=60_000)
         page.screenshot(path=str(shots / "generate.png"), full_page=True)
 
         page.get_by_role("tab", name="Compose").click()
@@ -80,7 +88,7 @@ def test_browser_learns_generates_and_composes(served, tmp_path):
         page.mouse.up()
         page.get_by_role("button", name="OK", exact=True).click()  # the box's label: the concept
         page.get_by_role("button", name="Compose", exact=True).click()
-        page.get_by_text("a photo of a <medic>", exact=True).filter(visible=True).first.wait_for(timeout=60_000)
+        page.get_by_text(re.compile(r"^a photo of a <.+>$")).filter(visible=True).first.wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "compose.png"), full_page=True)
 
         page.get_by_role("tab", name="Forgetting").click()
@@ -90,7 +98,7 @@ def test_browser_learns_generates_and_composes(served, tmp_path):
 
         page.get_by_role("tab", name="Library").click()
         page.get_by_role("button", name="Refresh").last.click()
-        page.get_by_text("square", exact=True).filter(visible=True).first.wait_for(timeout=30_000)
+        page.get_by_text(NAME, exact=True).filter(visible=True).first.wait_for(timeout=30_000)
         page.screenshot(path=str(shots / "library.png"), full_page=True)
         browser.close()
     for name in ("learn", "generate", "compose", "forgetting", "library"):
