@@ -30,6 +30,7 @@ _BASE: dict = {}  # the base pipeline, loaded once on first use (keeps start-up 
 _ACTIVE: dict = {}  # the Studio of the library in use (one at a time: requests are serialised)
 _CANCEL: dict[str, threading.Event] = {}
 USER_ERRORS = (ValueError, LibraryError, models.BaseModelError, FileNotFoundError)
+BENCH_RESULTS = Path(__file__).resolve().parent / "bench" / "results" / "methods" / "results.json"
 CANVAS = 512  # pixels of the Compose canvas at least (the toy world's 64-px images are too small to draw on)
 
 
@@ -265,10 +266,15 @@ def forgetting(request: gr.Request = None):
     from cidm.plots import forgetting_grid, ia_heatmap, ia_lines, ia_matrix
 
     s = studio(request)
-    scores = s.forgetting()
+    scores, text_scores = s.forgetting("ia"), s.forgetting("ta")
     tasks = sorted(scores)
-    rows = [[f"<{n}>", *[scores[t].get(n, "") for t in tasks]] for n in s.names]
-    header = ["concept", *[f"after task {t}" for t in tasks]]
+
+    def cell(t, n):
+        ia, ta = scores[t].get(n), text_scores.get(t, {}).get(n)
+        return "" if ia is None else (f"{ia:.1f}" if ta is None else f"{ia:.1f} / {ta:.1f}")
+
+    rows = [[f"<{n}>", *[cell(t, n) for t in tasks]] for n in s.names]
+    header = ["concept", *[f"after task {t} (IA / TA)" for t in tasks]]
     grid = forgetting_grid(s.library.root, s.names, tasks) if tasks else None
     has_ia = any(scores[t] for t in tasks)
     heatmap = ia_heatmap(scores, s.names) if has_ia else None
@@ -290,6 +296,29 @@ def build_forgetting_tab():
         heatmap = gr.Plot(label="IA heatmap")
         lines = gr.Plot(label="IA over tasks")
     refresh.click(forgetting, None, [table, grid, heatmap, lines], api_name="forgetting", concurrency_id="gpu")
+    with gr.Accordion("All methods side by side (a `cidm bench` results file)", open=False):
+        results = gr.File(label="results.json (default: the toy-world benchmark shipped with the project)",
+                          file_types=[".json"], value=str(BENCH_RESULTS) if BENCH_RESULTS.exists() else None)
+        compare = gr.Button("Show")
+        tables = gr.Markdown()
+        curves = gr.Plot(label="Average IA of the learned concepts after each task")
+    compare.click(methods_view, results, [tables, curves], api_name="methods")
+
+
+def methods_view(results_file):
+    """The benchmark's tables (IA, TA, forgetting, time) and the average-IA curve of every method."""
+    from cidm.bench import ia_curves, load_results, results_markdown
+    from cidm.plots import ia_lines
+
+    path = results_file if isinstance(results_file, str) else getattr(results_file, "name", None)
+    if not path:
+        raise gr.Error("No results file: run `python -m cidm bench --out DIR` and pick DIR/results.json.")
+    try:
+        results = load_results(path)
+        return results_markdown(results, results["protocol"]["tasks"]), ia_lines(ia_curves(results))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise gr.Error(f"{Path(path).name} is not a `cidm bench` results.json ({err!r}); pick DIR/results.json of "
+                       f"a benchmark run") from err
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -255,13 +255,27 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
         fig = ia_heatmap({t: {n: ia[n][t] for n in order[:t]} for t in range(1, len(order) + 1)}, order,
                          title=f"IA after each task: {method}")
         fig.savefig(out / f"ia_heatmap_{method}.png", dpi=100)
-    curves = {m: [sum(r["ia"][n][t] for n in order[:t]) / t for t in range(1, len(order) + 1)]
-              for m, r in results["methods"].items()}
-    ia_lines(curves).savefig(out / "ia_over_tasks.png", dpi=100)
+    ia_lines(ia_curves(results)).savefig(out / "ia_over_tasks.png", dpi=100)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(results_markdown(results, order))
     print((out / "results.md").read_text())
     return results
+
+
+def load_results(path: Path) -> dict:
+    """A results.json written by `run_methods_bench`, with its task numbers as ints again (JSON keys are strings)."""
+    results = json.loads(Path(path).read_text())
+    for r in results["methods"].values():
+        for metric in ("ia", "ta"):
+            r[metric] = {n: {int(t): v for t, v in row.items()} for n, row in r[metric].items()}
+    return results
+
+
+def ia_curves(results: dict) -> dict[str, list[float]]:
+    """Per method: the average IA of the concepts learned so far, after each task."""
+    order = results["protocol"]["tasks"]
+    return {m: [sum(r["ia"][n][t] for n in order[:t]) / t for t in range(1, len(order) + 1)]
+            for m, r in results["methods"].items()}
 
 
 def results_markdown(results: dict, order: list[str]) -> str:

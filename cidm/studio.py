@@ -172,13 +172,13 @@ class Studio:
         """Images of every learned concept after the latest task, stored under `forgetting/after-<t>/`, with IA."""
         from PIL import Image
 
-        from .metrics import image_alignment
+        from .metrics import image_alignment, text_alignment
 
         t = len(self.library)
         folder = self.library.root / "forgetting" / f"after-{t:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         evaluator = self.evaluator()
-        scores = {}
+        scores, text_scores = {}, {}
         for name in self.names:
             images = [self.generate(self.probe_prompt(name), seed=s, steps=steps)[0] for s in seeds]
             for s, im in zip(seeds, images):
@@ -187,15 +187,17 @@ class Studio:
                 refs = [Image.open(p).convert("RGB") for p in
                         sorted((self.library.concept_dir(name) / "images").glob("*.png"))]
                 scores[name] = round(image_alignment(evaluator, images, refs), 2)
-        (folder / "scores.json").write_text(json.dumps({"after_task": t, "ia": scores}, indent=1))
+                text = self.probe_prompt(name).replace(f"<{name}>", self.library.record(name)["class_word"])
+                text_scores[name] = round(text_alignment(evaluator, images, [text] * len(images)), 2)
+        (folder / "scores.json").write_text(json.dumps({"after_task": t, "ia": scores, "ta": text_scores}, indent=1))
         return scores
 
-    def forgetting(self) -> dict:
-        """{after_task: {concept: IA}} from what was stored as tasks were learned."""
+    def forgetting(self, metric: str = "ia") -> dict:
+        """{after_task: {concept: score}} from what was stored as tasks were learned; metric "ia" or "ta"."""
         out = {}
         for f in sorted((self.library.root / "forgetting").glob("after-*/scores.json")):
             data = json.loads(f.read_text())
-            out[data["after_task"]] = data["ia"]
+            out[data["after_task"]] = data.get(metric, {})
         return out
 
     def _forget(self, name: str) -> None:

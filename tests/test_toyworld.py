@@ -95,3 +95,19 @@ def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
         assert len(values) == 2 * 3 and all(-100.0 <= v <= 250.0 and v == v for v in values)
     text = (tmp_path / "results.md").read_text()
     assert "| cidm |" in text and "Avg" in text and "Forgetting" in text
+    from cidm.bench import load_results, results_markdown
+
+    again = load_results(tmp_path / "results.json")  # what the app's method comparison reads back
+    assert results_markdown(again, again["protocol"]["tasks"]) == text
+
+    import app
+
+    tables, figure = app.methods_view(str(tmp_path / "results.json"))
+    assert tables == text and figure is not None
+    import gradio as gr
+    import pytest
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "results"}')
+    with pytest.raises(gr.Error, match="not a `cidm bench` results.json"):
+        app.methods_view(str(bad))
