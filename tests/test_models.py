@@ -69,3 +69,28 @@ def test_evaluator_is_found_beside_a_local_model(tmp_path):
     (tmp_path / models.EVALUATOR_POINTER).write_text('{"evaluator": "evaluator"}')
     assert models.find_evaluator(str(tmp_path)) == str((tmp_path / "evaluator").resolve())
     assert models.find_evaluator("stable-diffusion-v1-5/stable-diffusion-v1-5") == models.HUB_EVALUATOR
+
+
+def test_a_pipeline_that_is_not_text_to_image_is_refused(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
+                       norm_num_groups=32, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(models.BaseModelError, match="loads as DDPMPipeline.*Stable Diffusion"):
+        models.load_base(str(tmp_path / "ddpm"), device="cpu")
+
+
+def test_a_unet_without_cross_attention_is_refused(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from conftest import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    pipe.unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                     block_out_channels=(32, 64), cross_attention_dim=32, norm_num_groups=32,
+                                     down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                                     mid_block_type="UNetMidBlock2D")
+    pipe.save_pretrained(tmp_path / "no-xattn")
+    with pytest.raises(models.BaseModelError, match="no cross-attention layers"):
+        models.load_base(str(tmp_path / "no-xattn"), device="cpu")
