@@ -56,8 +56,10 @@ Diffusion: `StableDiffusionPipeline.from_pretrained(this folder)` and `CLIPModel
 - **Tokenizer:** a `CLIPTokenizer` whose BPE gives one token per world word. It is built deterministically.
 - **VAE:** an `AutoencoderKL` mapping 64×64×3 to 4×16×16, at {vae_psnr} dB PSNR on held-out images.
 - **Evaluator:** a `CLIPModel` (ViT with patch 8 on 64 px; text width 128) trained contrastively with multi-positive
-  targets; its continuation adds shape-only captions and auxiliary linear probes (discarded). Its text tower
-  initialises the diffusion model's text encoder (SD uses CLIP's), which then trains jointly with the UNet.
+  targets, shape-only captions and auxiliary linear probes (discarded). Half of each batch comes in groups of four
+  scenes that differ only in the shape: colour and context tell random scenes apart so easily that, without these
+  hard negatives, shape stayed near chance. Its text tower initialises the diffusion model's text encoder (SD uses
+  CLIP's), which then trains jointly with the UNet; the evaluator's later continuations change only the evaluator.
 - **UNet:** a `UNet2DConditionModel` with 7 cross-attention layers at 16×16, 8×8 and 4×4. It is trained with the
   epsilon objective, Min-SNR-5 weighting and 10 % empty captions. The shipped checkpoint is gated on measured
   prompt-following, not on the loss. Shipped: {unet_weights} weights at step {unet_step}.
@@ -85,7 +87,11 @@ def write_card(model_dir: Path, report: dict) -> None:
     ev, gen = report["evaluator_zero_shot"], report["generator_prompt_following"]
     unet = info["unet"]["best"]
     stages = [f"VAE {info['vae']['steps']} steps + {info.get('vae_finetune', {}).get('steps', 0)} fine-tuning steps",
-              f"evaluator {info['evaluator']['steps']} steps", f"UNet {info['unet']['steps']} steps (batch 32)"]
+              f"evaluator {info['evaluator']['steps']} + {info.get('evaluator_more', {}).get('steps', 0)} steps",
+              *[f"evaluator continuation {i + 1}: {r['steps']} steps with shape groups"
+                f"{'' if r.get('shipped', True) else ' (not shipped: no better)'}"
+                for i, r in enumerate(info.get("evaluator_runs", []))],
+              f"UNet {info['unet']['steps']} steps (batch 32)"]
     text = CARD.format(vae_psnr=info.get("vae_finetune", info["vae"])["psnr_db"], unet_weights=unet["weights"],
                        unet_step=unet["step"], n_eval=1000, n_prompts=200, ev_shape=ev["shape"],
                        ev_colour=ev["colour"], ev_context=ev["context"], gen_shape=gen["shape"],
