@@ -173,7 +173,16 @@ def run_compose_bench(out: Path, library: Path, base_model: str | None = None, l
             "a photo of " + " and ".join(f"a <{n}>" for n in c) + f" {s}", steps=steps, guidance=guidance,
             seed=sd)[0],
     }
-    results = {}
+    # control: how often a concept generated alone (whole image) is recognised among the learned objects; neglect
+    # in boxes cannot be told apart from this floor
+    alone = []
+    for i in range(layouts):
+        n = objects[i % len(objects)]
+        image = studio.generate(f"a photo of a <{n}> {scenes[i % len(scenes)]}", steps=steps, guidance=guidance,
+                                seed=seed + i)[0]
+        alone += neglected(image, [n], [(0, 0, size, size)])
+    results = {"one concept alone, whole image (control)": {"1 box": 100.0 * sum(alone) / len(alone)}}
+    print(f"control, one concept alone: not recognised {results[next(iter(results))]['1 box']:.1f} %", flush=True)
     for k in (2, 3):
         plans = [layout(k) for _ in range(layouts)]
         for method, run in methods.items():
@@ -186,8 +195,9 @@ def run_compose_bench(out: Path, library: Path, base_model: str | None = None, l
                         out / f"compose_{k}boxes_{method.split()[0].lower()}.png")
             results.setdefault(method, {})[f"{k} boxes"] = 100.0 * sum(flags) / len(flags)
             print(f"{method}, {k} boxes: neglect {results[method][f'{k} boxes']:.1f} %", flush=True)
-    print(markdown_table(["method", "neglect, 2 boxes (%)", "neglect, 3 boxes (%)"],
-                         [[m, r["2 boxes"], r["3 boxes"]] for m, r in results.items()]))
+    print(markdown_table(["method", "neglect, 1 (%)", "neglect, 2 boxes (%)", "neglect, 3 boxes (%)"],
+                         [[m, r.get("1 box", ""), r.get("2 boxes", ""), r.get("3 boxes", "")]
+                          for m, r in results.items()]))
 
     # cost of U regions against plain generation, same steps
     prompt = f"a photo {scenes[0]}"
