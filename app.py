@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import spaces
 from gradio_image_annotation import image_annotator
 from PIL import Image
@@ -31,6 +30,8 @@ _ACTIVE: dict = {}  # the Studio of the library in use (one at a time: requests 
 _CANCEL: dict[str, threading.Event] = {}
 USER_ERRORS = (ValueError, LibraryError, models.BaseModelError, FileNotFoundError)
 BENCH_RESULTS = Path(__file__).resolve().parent / "bench" / "results" / "methods" / "results.json"
+CSS = (".enlarge img { width: 100% !important; height: 100% !important; object-fit: contain; "
+       "image-rendering: pixelated; }")  # small outputs (the toy world's 64 px) shown large, pixels kept
 CANVAS = 512  # pixels of the Compose canvas at least (the toy world's 64-px images are too small to draw on)
 
 
@@ -227,7 +228,7 @@ def build_compose_tab():
             seed = gr.Number(label="Seed", value=0, precision=0)
             button = gr.Button("Compose", variant="primary")
         with gr.Column():
-            image = gr.Image(label="Image", type="pil", height=384)
+            image = gr.Image(label="Image", type="pil", height=384, elem_classes="enlarge")
             layout = gr.AnnotatedImage(label="Boxes over the image", height=384)
     button.click(compose, [canvas, prompt, box_prompts, steps, guidance, seed], [image, layout], api_name="compose",
                  concurrency_id="gpu")
@@ -240,7 +241,7 @@ def build_compose_tab():
                 edit_prompt = gr.Textbox(label="What goes in the box", placeholder="a photo of a <name>")
                 strength = gr.Slider(0.1, 1.0, value=0.8, step=0.05, label="Strength")
                 edit_button = gr.Button("Edit")
-            edited = gr.Image(label="Edited", type="pil")
+            edited = gr.Image(label="Edited", type="pil", elem_classes="enlarge")
     edit_button.click(edit, [source, box, edit_prompt, strength, steps, guidance, seed], edited, api_name="edit",
                       concurrency_id="gpu")
     return canvas
@@ -263,7 +264,7 @@ def edit(image, box, prompt, strength, steps, guidance, seed, request: gr.Reques
 
 
 def forgetting(request: gr.Request = None):
-    from cidm.plots import forgetting_grid, ia_heatmap, ia_lines, ia_matrix
+    from cidm.plots import forgetting_grid, ia_heatmap, ia_lines
 
     s = studio(request)
     scores, text_scores = s.forgetting("ia"), s.forgetting("ta")
@@ -280,9 +281,8 @@ def forgetting(request: gr.Request = None):
     heatmap = ia_heatmap(scores, s.names) if has_ia else None
     lines = None
     if has_ia:
-        m = ia_matrix(scores, s.names)
-        lines = ia_lines({f"<{n}>": list(m[i][~np.isnan(m[i])]) for i, n in enumerate(s.names)},
-                         title="IA of each concept after it was learned")
+        lines = ia_lines({f"<{n}>": {t: scores[t][n] for t in tasks if n in scores[t]} for n in s.names},
+                         title="IA of each concept, from the task that learned it")
     return gr.update(value=rows, headers=header), grid, heatmap, lines
 
 
@@ -436,5 +436,5 @@ def build_app() -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    build_app().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+    build_app().launch(css=CSS, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))

@@ -28,7 +28,7 @@ Write `<{{ name }}>` in a prompt, for example: `{{ instance_prompt }}`.
 
 
 def concept_card(name: str, class_word: str, kind: str, base_model: str) -> ModelCard:
-    prompt = f"a photo of a <{name}> on a beach" if kind == "object" else f"a house in <{name}> style"
+    prompt = f"a photo of a <{name}> on a beach" if kind == "object" else f"a picture in <{name}> style"
     data = ModelCardData(base_model=base_model if "/" in base_model and not base_model.startswith("/") else None,
                          tags=["text-to-image", "diffusers", "lora", "cidm"], library_name="diffusers",
                          instance_prompt=prompt)

@@ -54,8 +54,9 @@ def ia_heatmap(scores: dict[int, dict[str, float]], names: list[str], title: str
     return fig
 
 
-def ia_lines(curves: dict[str, list[float]], title: str = "average IA of learned concepts"):
-    """One line per method (or per concept): value after each task."""
+def ia_lines(curves: dict[str, list[float] | dict[int, float]], title: str = "average IA of learned concepts"):
+    """One line per method (or per concept): a value after each task; a list starts at task 1, a dict names its
+    tasks (a concept's line starts at the task that learned it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +64,8 @@ def ia_lines(curves: dict[str, list[float]], title: str = "average IA of learned
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        points = values if isinstance(values, dict) else dict(enumerate(values, start=1))
+        ax.plot(list(points), list(points.values()), marker="o", label=label)
     ax.set_xlabel("after task")
     ax.set_ylabel("IA")
     ax.set_title(title)

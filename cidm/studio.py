@@ -154,7 +154,7 @@ class Studio:
     def probe_prompt(self, name: str, kind: str | None = None) -> str:
         """The fixed prompt a concept is re-generated with after each task."""
         kind = kind or self.library.record(name)["kind"]
-        return f"a photo of a <{name}>" if kind == "object" else f"a photo of a house in <{name}> style"
+        return f"a photo of a <{name}>" if kind == "object" else f"a picture in <{name}> style"  # training templates
 
     def evaluator(self):
         """The IA evaluator for this base, or None where it cannot be loaded (e.g. offline without a local one)."""

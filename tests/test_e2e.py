@@ -38,7 +38,8 @@ def served(tiny_model_dir, tmp_path, monkeypatch):
     app_module._ACTIVE.clear()
     demo = app_module.build_app()
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
+                css=app_module.CSS)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
