@@ -272,6 +272,35 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
     return results
 
 
+def merge_results(folders: list[Path], out: Path) -> dict:
+    """One results table from method runs made separately (other processes or machines) under one protocol."""
+    import shutil
+
+    from .plots import ia_lines
+
+    parts = [load_results(Path(f) / "results.json") for f in folders]
+    protocol = parts[0]["protocol"]
+    for f, part in zip(folders[1:], parts[1:]):
+        if part["protocol"] != protocol:
+            raise ValueError(f"{f} was run with another protocol ({part['protocol']}); merge only runs of one "
+                             f"protocol ({protocol})")
+    results = {"protocol": protocol, "methods": {}}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f, part in zip(folders, parts):
+        clash = set(part["methods"]) & set(results["methods"])
+        if clash:
+            raise ValueError(f"{f} repeats method(s) {', '.join(sorted(clash))}; give each method once")
+        results["methods"].update(part["methods"])
+        for png in Path(f).glob("ia_heatmap_*.png"):
+            if png.resolve() != (out / png.name).resolve():
+                shutil.copy(png, out / png.name)
+    ia_lines(ia_curves(results)).savefig(out / "ia_over_tasks.png", dpi=100)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(results_markdown(results, protocol["tasks"]))
+    return results
+
+
 def load_results(path: Path) -> dict:
     """A results.json written by `run_methods_bench`, with its task numbers as ints again (JSON keys are strings)."""
     results = json.loads(Path(path).read_text())

@@ -134,6 +134,12 @@ def cmd_compose(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import EXAMPLES, run_compose_bench, run_core_bench, run_methods_bench
 
+    if args.merge:
+        from .bench import merge_results
+
+        merge_results([Path(f) for f in args.merge.split(",") if f], Path(args.out))
+        print((Path(args.out) / "results.md").read_text())
+        return 0
     if args.quick:
         args.methods, args.tasks, args.steps, args.prompts, args.images = "cidm,lora-m", 3, 20, 2, 1
     if args.compose:
@@ -222,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
     p.add_argument("--methods", help="comma-separated method ids (default: all; see cidm/methods.py)")
     p.add_argument("--quick", action="store_true", help="3 tasks, 20 steps, 2 prompts, cidm and lora-m")
+    p.add_argument("--merge", help="comma-separated OUT folders of method runs (one protocol) to table together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", help="base model (default as for `info`)")
     p.set_defaults(func=cmd_bench)

@@ -111,3 +111,20 @@ def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
     bad.write_text('{"not": "results"}')
     with pytest.raises(gr.Error, match="not a `cidm bench` results.json"):
         app.methods_view(str(bad))
+
+
+def test_method_runs_made_apart_merge_into_the_same_table(tmp_path):
+    from cidm.bench import merge_results, run_methods_bench
+
+    kw = dict(tasks=2, steps=3, prompts=1, images=1, gen_steps=5)
+    joint = run_methods_bench(tmp_path / "joint", ["cidm", "lora-m"], **kw)
+    run_methods_bench(tmp_path / "a", ["cidm"], **kw)
+    run_methods_bench(tmp_path / "b", ["lora-m"], **kw)
+    merged = merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    for m in ("cidm", "lora-m"):
+        assert merged["methods"][m]["ia"] == joint["methods"][m]["ia"]  # deterministic, whichever process ran it
+    assert (tmp_path / "merged" / "ia_heatmap_lora-m.png").is_file() and (tmp_path / "merged" / "results.md").is_file()
+    import pytest
+
+    with pytest.raises(ValueError, match="repeats method"):
+        merge_results([tmp_path / "a", tmp_path / "joint"], tmp_path / "bad")
