@@ -73,3 +73,37 @@ def test_sd15_layerwise_token_count_is_16_per_slot():
     from cidm.tokens import token_strings
 
     assert len(token_strings("dog", 2, 16)) == 32
+
+
+def test_sd15_real_size_learning_step_on_cpu(tmp_path):
+    """One real CIDM learning step (forward and backward) through SD-1.5's UNet and text encoder at their real
+    sizes, random weights, fp32 on the CPU, at an 8×8 latent; then generation with the saved LoRA and tokens."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cidm.models import describe
+    from cidm.studio import Studio
+    from conftest import make_tiny_pipeline
+    from test_core import learn
+
+    torch.manual_seed(0)
+    tiny = make_tiny_pipeline()
+    unet = UNet2DConditionModel.from_config({**SD15_UNET, "sample_size": 8})
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # openai/clip-vit-large-patch14's text tower, as SD-1.5 uses
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer, unet=unet,
+                                   scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    info = describe(pipe, "sd15-architecture-random-weights")
+    assert info.num_cross_attn_layers == 16 and info.text_hidden_size == 768
+    studio = Studio(tmp_path / "lib", pipe=pipe, info=info)
+    studio.record_forgetting = False
+    result = learn(studio, "medic", steps=1)
+    assert result.steps_done == 1 and result.final_terms["diffusion"] == result.final_terms["diffusion"]  # finite
+    lora = studio.loras["medic"]
+    assert len(lora.modules) == 16 * 4  # q, k, v, out of every cross-attention layer
+    assert studio.tokens.rows("medic").shape == (2 * 16, 768)
+    assert studio.library.manifest["base_model"]["n_layers"] == 16
+    assert studio.generate("a photo of a <medic>", steps=1)[0].size == (32, 32)
