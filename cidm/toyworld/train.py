@@ -490,6 +490,8 @@ def gate_checkpoint(cfg, out, model_dir, raw, ema, vae, tokenizer, ddim, clip, s
 def ship(model_dir: Path, pipe, best: dict) -> None:
     """Write the pipeline folder (diffusers layout) and record what was shipped and how well it measured."""
     pipe.save_pretrained(model_dir)
+    # the UNet's weights stored in fp16 halve the repo's largest file; loading upcasts them to fp32 (as before)
+    copy.deepcopy(pipe.unet).half().save_pretrained(model_dir / "unet")
     (model_dir / "cidm_evaluator.json").write_text(json.dumps({"evaluator": "evaluator"}, indent=1) + "\n")
     info_path = model_dir / "training.json"
     info = json.loads(info_path.read_text())
