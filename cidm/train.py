@@ -211,12 +211,9 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
                     old = list(past)[int(torch.randint(0, len(past), (1,), generator=generator))]
                     old_text = tokens.encode([OBJECT_TEMPLATES[0].format(f"<{old}>")] * config.batch_size)
                     old_kwargs = {"layerwise_text": old_text.to(unet.dtype)}
-                    with torch.no_grad():  # teacher: θ0 + the previous task's LoRA, the current adapter off
-                        unet.disable_adapters()
-                        with merged(unet, layers, [list(past.values())[-1]], torch.ones(len(layers), 1)):
-                            teacher = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
-                                           cross_attention_kwargs=old_kwargs).sample
-                        unet.enable_adapters()
+                    with torch.no_grad(), previous_model(unet, layers, list(past.values())[-1]):
+                        teacher = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
+                                       cross_attention_kwargs=old_kwargs).sample
                     student = unet(noisy, t.to(device), encoder_hidden_states=old_text[:, 0],
                                    cross_attention_kwargs=old_kwargs).sample
                     loss = loss + config.lwf_lambda * diffusion_loss(student, teacher)
@@ -371,9 +368,8 @@ def teacher_trajectory(unet, layers, teacher_lora, tokens, prompt: str, noise_sc
     record = {"z": [], "t": [], "eps": [], "text": text}
     was_training = unet.training
     unet.eval()
-    unet.disable_adapters()
     try:
-        with merged(unet, layers, [teacher_lora], torch.ones(len(layers), 1)):
+        with previous_model(unet, layers, teacher_lora):
             for t in sampler.timesteps:
                 eps = unet(torch.cat([z, z]), t, encoder_hidden_states=both[:, 0],
                            cross_attention_kwargs={"layerwise_text": both}).sample
@@ -383,9 +379,20 @@ def teacher_trajectory(unet, layers, teacher_lora, tokens, prompt: str, noise_sc
                 record["eps"].append(eps_cond)
                 z = sampler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, z, generator=generator).prev_sample
     finally:
-        unet.enable_adapters()
         unet.train(was_training)
     return record
+
+
+@contextlib.contextmanager
+def previous_model(unet, layers, lora: lora_lib.LoRAWeights):
+    """The model before this task, as LwF's and LFS's teacher: θ0 + the previous task's LoRA merged in, the
+    current task's adapter off; all undone on exit."""
+    unet.disable_adapters()
+    try:
+        with merged(unet, layers, [lora], torch.ones(len(layers), 1)):
+            yield
+    finally:
+        unet.enable_adapters()
 
 
 def diagonal_fisher(unet, tokens, noise_scheduler, current, images, captions, augment, config, generator) -> dict:
