@@ -66,7 +66,7 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_
     # 1. Check inputs
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty; describe the image, e.g. 'a photo of a <name> on a beach'")
-    tokens.check_prompt(prompt)
+    named = [n for n in tokens.check_prompt(prompt) if n in (contexts or {})]  # LFS: concepts with a context
     tokens.check_prompt(negative_prompt)
     if config.steps < 1 or config.num_images < 1:
         raise ValueError(f"steps and num_images must be at least 1 (got {config.steps}, {config.num_images})")
@@ -75,8 +75,6 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_
     width = config.width or unet.config.sample_size * scale
     if height % scale or width % scale:
         raise ValueError(f"height and width must be multiples of {scale} (got {height}×{width})")
-
-    named = [n for n in tokens.check_prompt(prompt) if n in (contexts or {})]
 
     # 2. Bind the prompt into layer-wise embeddings: (1, L, N, D) each
     cond = tokens.encode([prompt]).to(dtype)
@@ -97,8 +95,7 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_
     timesteps = scheduler.timesteps
     latents = latents * scheduler.init_noise_sigma
     if named:  # in-context generation: the first named concept's vision context, noised to context_strength
-        start = config.steps - max(1, int(round(config.steps * config.context_strength)))
-        timesteps = timesteps[start:]
+        timesteps = partial_timesteps(scheduler, config.context_strength)
         z_context = encode_image(vae, contexts[named[0]].resize((width, height))).to(device, dtype)
         latents = scheduler.add_noise(z_context.expand_as(latents), latents, timesteps[:1])
     def predict(x, t):
@@ -129,6 +126,12 @@ def decode(vae, latents: torch.Tensor) -> list[Image.Image]:
     pixels = vae.decode(latents / vae.config.scaling_factor).sample.float()
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def partial_timesteps(scheduler, strength: float) -> torch.Tensor:
+    """The last `strength` share of the scheduler's timesteps (at least one): where image-to-image starts."""
+    steps = len(scheduler.timesteps)
+    return scheduler.timesteps[steps - max(1, int(round(steps * strength))):]
 
 
 def encode_image(vae, image: Image.Image) -> torch.Tensor:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .attention import install_processors
 from .ewa import merged
-from .generate import GenerateConfig, decode, encode_image, layer_weights
+from .generate import GenerateConfig, decode, encode_image, layer_weights, partial_timesteps
 
 MAX_REGIONS = 8
 
@@ -209,8 +209,7 @@ def edit(pipe, tokens, loras, image, box, prompt: str, negative_prompt: str = ""
 
     generator = torch.Generator().manual_seed(config.seed)
     scheduler.set_timesteps(config.steps, device=device)
-    start = config.steps - int(round(config.steps * strength))
-    timesteps = scheduler.timesteps[start:]
+    timesteps = partial_timesteps(scheduler, strength)
     noise = torch.randn(z0.shape, generator=generator).to(device, dtype)
     latents = scheduler.add_noise(z0, noise, timesteps[:1])
     with merged(unet, layers, list(loras.values()), weights):

@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import images as images_lib
-from .images import load_image
 from . import lora as lora_lib
 from .generate import GenerateConfig, generate
 from .library import Library, LibraryError
@@ -62,7 +61,7 @@ class Studio:
             self.tokens.add(name, load_tokens(folder))
             self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
             if (folder / CONTEXT_FILE).exists():
-                self.contexts[name] = load_image(folder / CONTEXT_FILE)
+                self.contexts[name] = images_lib.load_image(folder / CONTEXT_FILE)
         shared_file = self.library.task_shared_file
         if shared_file is not None and shared_file.exists():
             self.shared = load_shared(shared_file)
@@ -91,9 +90,10 @@ class Studio:
         shared = self.shared
         if shared is not None and config.r2_rank != shared.rank:
             config = dataclasses.replace(config, r2_rank=shared.rank)
+        fisher = None  # EWC: the cumulative Fisher stored with the latest concept
+        if config.ewc_lambda > 0 and self.names:
+            fisher = load_fisher(self.library.concept_dir(self.names[-1]))
         if data_parallel()[0] > 0:  # a helper process of `accelerate launch`: trains in step, writes nothing
-            fisher = load_fisher(self.library.concept_dir(self.names[-1])) if config.ewc_lambda > 0 and self.names \
-                else None
             with tempfile.TemporaryDirectory() as tmp:
                 result = learn_task(self.pipe, self.tokens, config, pixels, Path(tmp), past=past, shared=shared,
                                     captions=captions, fisher=fisher)
@@ -103,9 +103,6 @@ class Studio:
             folder = stage / name
             folder.mkdir()
             try:
-                fisher = None
-                if config.ewc_lambda > 0 and self.names:
-                    fisher = load_fisher(self.library.concept_dir(self.names[-1]))
                 result = learn_task(self.pipe, self.tokens, config, pixels, folder, past=past, shared=shared,
                                     captions=captions, progress=progress, cancel=cancel, fisher=fisher)
             except BaseException:
@@ -121,7 +118,7 @@ class Studio:
             self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
             if self.method.icgen:  # LFS: the vision context, sampled from the model right after this task
                 self.generate(self.probe_prompt(name, kind), seed=config.seed)[0].save(folder / CONTEXT_FILE)
-                self.contexts[name] = load_image(folder / CONTEXT_FILE)
+                self.contexts[name] = images_lib.load_image(folder / CONTEXT_FILE)
             if self.shared is None:  # after the first task, W_* and H_1 from its ΔW
                 self.shared = TaskSharedKnowledge(config.r2_rank)
                 self.shared.initialise(name, self.loras[name])
