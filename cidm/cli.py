@@ -54,7 +54,8 @@ def cmd_toyworld_train(args) -> int:
     from .toyworld.train import ToyTrainConfig, train_all
 
     cfg = ToyTrainConfig(out=args.out, seed=args.seed, vae_minutes=args.vae_minutes, clip_minutes=args.clip_minutes,
-                         unet_minutes=args.unet_minutes, evaluator_more_minutes=args.evaluator_minutes)
+                         unet_minutes=args.unet_minutes, evaluator_more_minutes=args.evaluator_minutes,
+                         new_unet=args.new_unet)
     print(train_all(cfg, resume_from=args.resume_from))
     return 0
 
@@ -239,10 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-minutes", type=float, default=15.0)
     p.add_argument("--clip-minutes", type=float, default=10.0)
-    p.add_argument("--unet-minutes", type=float, default=90.0, help="UNet budget of this invocation (resumable)")
+    p.add_argument("--unet-minutes", type=float, default=60.0, help="UNet budget of this invocation (resumable)")
     p.add_argument("--resume-from", help="a shipped model folder (e.g. cidm/toyworld/model) to continue from")
     p.add_argument("--evaluator-minutes", type=float, default=0.0,
                    help="train the evaluator this many more minutes before the UNet (resumed runs)")
+    p.add_argument("--new-unet", action="store_true",
+                   help="with --resume-from: train a UNet of the current architecture from scratch")
     p.set_defaults(func=cmd_toyworld_train)
     return parser
 
