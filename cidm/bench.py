@@ -34,11 +34,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def generate_set(studio: Studio, prompts: list[str], n_images: int, steps: int, guidance: float, seed: int = 0):
+def generate_set(studio: Studio, prompts: list[str], n_images: int, steps: int, guidance: float, seed: int = 0,
+                 **settings):
     """n_images per prompt, generated as one batch from `seed` (the same initial noise for every method)."""
     images = []
     for p in prompts:
-        images += studio.generate(p, steps=steps, guidance=guidance, seed=seed, num_images=n_images)
+        images += studio.generate(p, steps=steps, guidance=guidance, seed=seed, num_images=n_images, **settings)
     return images
 
 
@@ -221,13 +222,65 @@ def run_compose_bench(out: Path, library: Path, base_model: str | None = None, l
     return report
 
 
+def training_groups(methods: list[str]) -> list[list[str]]:
+    """Methods that learn with the same switches (e.g. lora-m and lora-c, cidm and cidm-no-ewa) differ only at
+    inference: they share one training run, so they see identical adapters and the benchmark trains each once."""
+    from .methods import get_method
+
+    groups: dict[tuple, list[str]] = {}
+    for m in methods:
+        method = get_method(m)
+        groups.setdefault((json.dumps(method.train, sort_keys=True), method.icgen), []).append(m)
+    return list(groups.values())
+
+
+def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], protocol: dict, evaluator,
+                 base_model: str | None = None, overrides: dict | None = None, label: str | None = None) -> dict:
+    """Learn `order` once with the first method's training (plus `overrides`), and after every task t score every
+    learned concept (≤ t) under each method's inference. Returns {method: {"ia", "ta", "learn_seconds",
+    "eval_seconds", "settings"}}."""
+    from .methods import get_method
+    from .metrics import text_alignment
+
+    overrides = overrides or {}
+    library = Path(out) / (label or methods[0]) / "library"
+    if (library / "library.json").exists():
+        raise ValueError(f"{library} already holds a library; give an empty --out")
+    studio = Studio(library, base_model=base_model, method=methods[0])
+    studio.record_forgetting = False
+    evaluator = evaluator or Evaluator(studio.info.evaluator, str(studio.pipe.device))
+    p = protocol
+    runs = {m: {"ia": {n: {} for n in order}, "ta": {n: {} for n in order}, "learn_seconds": 0.0,
+                "eval_seconds": 0.0, "settings": {**get_method(m).train, **overrides}} for m in methods}
+    for t, name in enumerate(order, start=1):
+        c = spec["concepts"][name]
+        t0 = time.perf_counter()
+        studio.learn(name, c["reference_images"], c["class_word"], c["kind"], captions=c["captions"],
+                     steps=p["steps"], batch_size=p.get("batch_size", 4), seed=p["seed"], **overrides)
+        learn_seconds = time.perf_counter() - t0
+        for m in methods:
+            method, run = get_method(m), runs[m]
+            run["learn_seconds"] += learn_seconds  # shared by the group
+            t0 = time.perf_counter()
+            for n in order[:t]:
+                cn = spec["concepts"][n]
+                gen = generate_set(studio, cn["eval_prompts"][:p["prompts"]], p["images_per_prompt"], p["gen_steps"],
+                                   p["guidance"], p["seed"], merge=method.merge, psi=method.psi)
+                texts = [text for text in cn["eval_texts"][:p["prompts"]] for _ in range(p["images_per_prompt"])]
+                run["ia"][n][t] = image_alignment(evaluator, gen, cn["reference_images"])
+                run["ta"][n][t] = text_alignment(evaluator, gen, texts)
+            run["eval_seconds"] += time.perf_counter() - t0
+            print(f"{label or m}: after task {t} ({name}) avg IA "
+                  f"{sum(run['ia'][n][t] for n in order[:t]) / t:.1f}", flush=True)
+    return runs
+
+
 def run_methods_bench(out: Path, methods: list[str], base_model: str | None = None, concepts: Path = EXAMPLES,
                       tasks: int = 10, steps: int = 300, prompts: int = 5, images: int = 2, seed: int = 0,
                       gen_steps: int = 25, guidance: float = 5.0, batch_size: int = 4) -> dict:
     """Every method on one protocol: after every task t, every learned concept (≤ t) is generated with its
     evaluation prompts × seeds and scored (IA against its references, TA against its prompt with the class word)."""
     from .methods import get_method
-    from .metrics import text_alignment
     from .plots import ia_heatmap, ia_lines
 
     out = Path(out)
@@ -236,40 +289,79 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
     order = spec["standard_sequence"][:tasks]
     for m in methods:
         get_method(m)
-    results: dict = {"protocol": {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images,
-                                  "seed": seed, "gen_steps": gen_steps, "guidance": guidance}, "methods": {}}
+    protocol = {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images, "seed": seed,
+                "gen_steps": gen_steps, "guidance": guidance}
+    if batch_size != 4:
+        protocol["batch_size"] = batch_size
+    results: dict = {"protocol": protocol, "methods": {}}
     evaluator = None
-    for method in methods:
-        library = out / method / "library"
-        if (library / "library.json").exists():
-            raise ValueError(f"{library} already holds a library; give an empty --out")
-        studio = Studio(library, base_model=base_model, method=method)
-        studio.record_forgetting = False
-        evaluator = evaluator or Evaluator(studio.info.evaluator, str(studio.pipe.device))
-        ia = {n: {} for n in order}  # concept -> {after task t: IA}
-        ta = {n: {} for n in order}
-        t_method = time.perf_counter()
-        for t, name in enumerate(order, start=1):
-            c = spec["concepts"][name]
-            studio.learn(name, c["reference_images"], c["class_word"], c["kind"], captions=c["captions"],
-                         steps=steps, batch_size=batch_size, seed=seed)
-            for n in order[:t]:
-                cn = spec["concepts"][n]
-                gen = generate_set(studio, cn["eval_prompts"][:prompts], images, gen_steps, guidance, seed)
-                texts = [text for text in cn["eval_texts"][:prompts] for _ in range(images)]
-                ia[n][t] = image_alignment(evaluator, gen, cn["reference_images"])
-                ta[n][t] = text_alignment(evaluator, gen, texts)
-            print(f"{method}: after task {t} ({name}) avg IA {sum(ia[n][t] for n in order[:t]) / t:.1f}",
-                  flush=True)
-        results["methods"][method] = {"ia": ia, "ta": ta, "seconds": time.perf_counter() - t_method}
-        fig = ia_heatmap({t: {n: ia[n][t] for n in order[:t]} for t in range(1, len(order) + 1)}, order,
-                         title=f"IA after each task: {method}")
-        fig.savefig(out / f"ia_heatmap_{method}.png", dpi=100)
+    for group in training_groups(methods):
+        runs = run_sequence(out, group, spec, order, protocol, evaluator, base_model)
+        for m, run in runs.items():
+            results["methods"][m] = run
+            ia = run["ia"]
+            fig = ia_heatmap({t: {n: ia[n][t] for n in order[:t]} for t in range(1, len(order) + 1)}, order,
+                             title=f"IA after each task: {m}")
+            fig.savefig(out / f"ia_heatmap_{m}.png", dpi=100)
     ia_lines(ia_curves(results)).savefig(out / "ia_over_tasks.png", dpi=100)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(results_markdown(results, order))
     print((out / "results.md").read_text())
     return results
+
+
+TUNING_GRID = (0.1, 1.0, 10.0)
+
+
+def run_tuning(out: Path, methods: list[str], base_model: str | None = None, concepts: Path = EXAMPLES,
+               grid=TUNING_GRID, steps: int = 300, prompts: int = 5, images: int = 2, seed: int = 0,
+               gen_steps: int = 25, guidance: float = 5.0, extra: dict[str, list[dict]] | None = None) -> dict:
+    """Choose each method's weight (its `Method.weight` switch: λ of EWC, LwF, LFS, C-LoRA) on the concept set's
+    tuning sequence, which shares no concept with the reported one: the value with the best average IA after the
+    last tuning task. `extra`: more settings to try per method, e.g. {"cidm": [{"lr_lora": 1e-3}]}."""
+    from .methods import get_method
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = load_concept_set(concepts)
+    order = spec["tuning_sequence"]
+    protocol = {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images, "seed": seed,
+                "gen_steps": gen_steps, "guidance": guidance}
+    trials = []
+    for m in methods:
+        weight = get_method(m).weight
+        trials += [(m, {weight: v}) for v in (grid if weight else [])] + [(m, o) for o in (extra or {}).get(m, [])]
+    if not trials:
+        raise ValueError(f"none of {', '.join(methods)} has a weight to tune or an extra setting to try")
+    rows, evaluator = [], None
+    for m, settings in trials:
+        label = m + "".join(f"_{k}={v:g}" for k, v in settings.items())
+        run = run_sequence(out, [m], spec, order, protocol, evaluator, base_model, overrides=settings,
+                           label=label)[m]
+        last = len(order)
+        rows.append({"method": m, "settings": settings, "ia": sum(run["ia"][n][last] for n in order) / last,
+                     "ta": sum(run["ta"][n][last] for n in order) / last,
+                     "forgetting": sum(run["ia"][n][i + 1] - run["ia"][n][last] for i, n in enumerate(order)) / last,
+                     "run": run})
+    chosen = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        weight = get_method(m).weight
+        candidates = [r for r in rows if r["method"] == m and weight in r["settings"]]
+        if candidates:
+            best = max(candidates, key=lambda r: r["ia"])
+            chosen[m] = {weight: best["settings"][weight]}
+    report = {"protocol": protocol, "chosen": chosen, "trials": [{k: v for k, v in r.items()} for r in rows]}
+    (out / "tuning.json").write_text(json.dumps(report, indent=1))
+    table = markdown_table(["method", "setting", "avg IA", "avg TA", "mean forgetting", "chosen"],
+                           [[r["method"], ", ".join(f"{k}={v:g}" for k, v in r["settings"].items()), r["ia"], r["ta"],
+                             r["forgetting"], "yes" if chosen.get(r["method"]) == r["settings"] else ""]
+                            for r in rows])
+    text = (f"Tuning sequence: {', '.join(order)} (no concept of the reported sequence). Protocol: "
+            f"{json.dumps(protocol)}\n\nAverage IA and TA after the last tuning task; forgetting is IA right after "
+            f"learning minus IA after the last task.\n\n{table}\n")
+    (out / "results.md").write_text(text)
+    print(text)
+    return report
 
 
 def merge_results(folders: list[Path], out: Path) -> dict:
@@ -334,6 +426,10 @@ def results_markdown(results: dict, order: list[str]) -> str:
         rows.append([m, *drops, sum(drops) / len(drops)])
     lines += ["### Forgetting: IA right after learning minus IA after the last task", "",
               markdown_table(["method", *cols, "mean"], rows), ""]
-    lines += ["### Wall time", "", markdown_table(["method", "seconds"],
-                                                  [[m, r["seconds"]] for m, r in results["methods"].items()]), ""]
+    lines += ["### Wall time", "", "Methods that learn identically (one training run) share its learning time.", "",
+              markdown_table(["method", "learning (s)", "evaluation (s)"],
+                             [[m, r["learn_seconds"], r["eval_seconds"]] for m, r in results["methods"].items()]),
+              "", "### Method settings (TaskConfig overrides)", "",
+              markdown_table(["method", "settings"], [[m, json.dumps(r["settings"])]
+                                                     for m, r in results["methods"].items()]), ""]
     return "\n".join(lines)

@@ -147,6 +147,23 @@ def cmd_bench(args) -> int:
         library = Path(args.library or Path(args.out) / "library")
         run_compose_bench(Path(args.out), library, base_model=args.base, layouts=args.layouts, seed=args.seed)
         return 0
+    if args.tune:
+        from .bench import run_tuning
+        from .methods import METHODS
+
+        weighted = ",".join(m for m, method in METHODS.items() if method.weight)
+        methods = [m.strip() for m in (args.methods or weighted).split(",") if m.strip()]
+        extra: dict[str, list[dict]] = {}
+        for item in args.also_try:
+            method, _, setting = item.partition(":")
+            key, _, value = setting.partition("=")
+            if not (method and key and value):
+                raise ValueError(f"--also-try takes METHOD:SETTING=VALUE, e.g. cidm:lr_lora=1e-3; got {item!r}")
+            extra.setdefault(method, []).append({key: float(value)})
+            methods += [] if method in methods else [method]
+        run_tuning(Path(args.out), methods, base_model=args.base, concepts=Path(args.concepts or EXAMPLES),
+                   steps=args.steps, prompts=args.prompts, images=args.images, seed=args.seed, extra=extra)
+        return 0
     if not args.core:
         from .methods import METHODS
 
@@ -219,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="an empty folder for the library, samples and results")
     p.add_argument("--core", action="store_true", help="learning time, IA vs base, EWA routing and cost")
     p.add_argument("--compose", action="store_true", help="concept neglect in boxes and the cost of regions")
+    p.add_argument("--tune", action="store_true", help="choose the methods' weights (λ) on the tuning sequence")
+    p.add_argument("--also-try", action="append", default=[], metavar="METHOD:SETTING=VALUE",
+                   help="--tune: one more setting to try on the tuning sequence, e.g. cidm:lr_lora=1e-3")
     p.add_argument("--library", help="--compose: a library to use (default: OUT/library from a --core run)")
     p.add_argument("--layouts", type=int, default=50, help="--compose: random layouts per number of boxes")
     p.add_argument("--concepts", help="a concept set in the examples/concepts format (default: the toy world's)")

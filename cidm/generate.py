@@ -24,14 +24,14 @@ class GenerateConfig:
     ewa_space: str = "token"  # similarities between token embeddings ("token") or text-encoder outputs ("encoded")
     # how the task LoRAs meet at inference: "ewa" (Eq. 3); "mean" 1/T each (LoRA-Merge, cidm-no-ewa);
     # "sum" 1 each (C-LoRA's merged deltas); "last" the latest only (Finetuning); "composite" one UNet pass per
-    # LoRA, noise predictions averaged (LoRA-Composite)
+    # LoRA, noise predictions averaged (LoRA-Composite); "none" no LoRA (the tokens alone, a diagnostic)
     merge: str = "ewa"
     height: int | None = None
     width: int | None = None
     context_strength: float = 0.6  # LFS in-context generation: how much of a concept's vision context is re-noised
 
 
-MERGES = ("ewa", "mean", "sum", "last", "composite")
+MERGES = ("ewa", "mean", "sum", "last", "composite", "none")
 
 
 def layer_weights(tokens, loras: dict[str, LoRAWeights], prompt: str, config: GenerateConfig) -> torch.Tensor:
@@ -43,6 +43,8 @@ def layer_weights(tokens, loras: dict[str, LoRAWeights], prompt: str, config: Ge
         return torch.full((L, len(names)), 1.0 / max(1, len(names)))
     if config.merge in ("sum", "composite"):
         return torch.ones(L, len(names))
+    if config.merge == "none":
+        return torch.zeros(L, len(names))
     if config.merge == "last":
         w = torch.zeros(L, len(names))
         if names:

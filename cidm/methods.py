@@ -26,6 +26,7 @@ class Method:
     merge: str = "ewa"  # GenerateConfig.merge
     psi: str = "paper"
     icgen: bool = False  # LFS: keep a vision context per concept and condition its later generation on it
+    weight: str | None = None  # the TaskConfig weight chosen on the tuning sequence (`cidm bench --tune`)
 
 
 NO_REG = {"use_r1": False, "use_r2": False}
@@ -36,21 +37,24 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("cidm-no-r2", "CIDM without the task-shared regulariser R2", {"use_r2": False}),
     Method("cidm-no-ewa", "CIDM with LoRAs merged at equal weights instead of EWA", merge="mean"),
     Method("cidm-code-psi", "CIDM with the official code's EWA weighting 0.8·m⁴/Σm⁴", psi="code"),
+    Method("cidm-tokens-only", "diagnostic: CIDM's layer-wise tokens with every LoRA off (what tokens alone carry)",
+           merge="none"),
     Method("lora-m", "LoRA Merge: per-task LoRAs, merged with equal weights", NO_REG, merge="mean"),
     Method("lora-c", "LoRA Composite: per-task LoRAs, noise predictions averaged over LoRAs", NO_REG,
            merge="composite"),
     Method("finetune", "Finetuning: one LoRA carried from task to task, no regulariser",
            {**NO_REG, "init_from_previous": True}, merge="last"),
     Method("ewc", "EWC: one LoRA carried from task to task, diagonal-Fisher penalty (online EWC)",
-           {**NO_REG, "init_from_previous": True, "ewc_lambda": 1.0}, merge="last"),
+           {**NO_REG, "init_from_previous": True, "ewc_lambda": 1.0}, merge="last", weight="ewc_lambda"),
     Method("lwf", "LwF: one LoRA carried across tasks, distilled from the previous model on old concepts' prompts",
-           {**NO_REG, "init_from_previous": True, "lwf_lambda": 1.0}, merge="last"),
+           {**NO_REG, "init_from_previous": True, "lwf_lambda": 1.0}, merge="last", weight="lwf_lambda"),
     Method("c-lora", "C-LoRA: K/V LoRA on the merged past deltas, self-regularised, random tokens",
            {**NO_REG, "lora_targets": KV_TARGETS, "token_init": "random", "train_on_merged_past": True,
-            "clora_lambda": 1.0}, merge="sum"),
+            "clora_lambda": 1.0}, merge="sum", weight="clora_lambda"),
     Method("lfs", "LFS-Diffusion: one LoRA carried across tasks, distilled along the teacher's own sampling "
                   "trajectory, in-context generation from a vision context per concept",
-           {**NO_REG, "init_from_previous": True, "lfs_lambda": 1.0}, merge="last", icgen=True),
+           {**NO_REG, "init_from_previous": True, "lfs_lambda": 1.0}, merge="last", icgen=True,
+           weight="lfs_lambda"),
 ]}
 
 

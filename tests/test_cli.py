@@ -34,6 +34,12 @@ def test_bad_base_model_is_a_clear_error_not_a_traceback(tmp_path):
     assert "no local folder" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_bench_tune_rejects_a_malformed_setting_to_try(tmp_path):
+    out = run("bench", "--tune", "--out", str(tmp_path / "t"), "--also-try", "cidm:lr_lora")
+    assert out.returncode == 2
+    assert "--also-try takes METHOD:SETTING=VALUE" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_learn_generate_and_compose_from_the_command_line(tiny_model_dir, tmp_path):
     from PIL import Image
 

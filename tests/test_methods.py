@@ -62,6 +62,20 @@ def test_merge_modes_weigh_tasks_as_their_methods_say(base, tmp_path):
         layer_weights(studio.tokens, studio.loras, "a", GenerateConfig(merge="magic"))
 
 
+def test_tokens_only_diagnostic_generates_exactly_as_with_no_lora(base, tmp_path):
+    from cidm.generate import GenerateConfig, generate
+
+    studio = fresh(base, tmp_path / "t", "cidm")
+    studio.record_forgetting = False
+    learn(studio, "medic", steps=3, lr_lora=0.05)  # a LoRA large enough to change the pixels
+    prompt = "a photo of a <medic> on grass"
+    tokens_only = np.asarray(studio.generate(prompt, steps=3, merge="none")[0])
+    no_lora = np.asarray(generate(studio.pipe, studio.tokens, {}, prompt, config=GenerateConfig(steps=3))[0])
+    with_lora = np.asarray(studio.generate(prompt, steps=3)[0])
+    np.testing.assert_array_equal(tokens_only, no_lora)
+    assert np.abs(with_lora.astype(int) - tokens_only).max() > 0
+
+
 def test_a_library_keeps_its_method(base, tmp_path):
     from cidm.library import LibraryError
 

@@ -84,6 +84,39 @@ def test_concept_images_are_reproduced_exactly_by_the_generator():
             np.testing.assert_array_equal(np.asarray(Image.open(EXAMPLES / name / f"{i}.png")), img)
 
 
+def test_methods_that_learn_alike_share_one_training_run(tmp_path):
+    from cidm.bench import run_methods_bench, training_groups
+
+    groups = training_groups(["cidm", "lora-m", "finetune", "lora-c", "cidm-no-ewa", "cidm-code-psi",
+                              "cidm-tokens-only", "cidm-no-r1"])
+    assert groups == [["cidm", "cidm-no-ewa", "cidm-code-psi", "cidm-tokens-only"], ["lora-m", "lora-c"],
+                      ["finetune"], ["cidm-no-r1"]]
+    results = run_methods_bench(tmp_path, ["lora-m", "lora-c"], tasks=2, steps=3, prompts=1, images=1, gen_steps=3)
+    assert (tmp_path / "lora-m" / "library" / "library.json").is_file() and not (tmp_path / "lora-c").exists()
+    m, c = results["methods"]["lora-m"], results["methods"]["lora-c"]
+    assert m["learn_seconds"] == c["learn_seconds"] > 0
+    first = m["ia"]["medic"][1]
+    assert c["ia"]["medic"][1] == first  # one LoRA: its average and its composite are the same model
+    assert c["ia"]["medic"][2] != m["ia"]["medic"][2]  # two: averaged weights differ from averaged predictions
+
+
+def test_tuning_picks_the_weight_with_the_best_average_ia_on_the_tuning_sequence(tmp_path):
+    from cidm.bench import run_tuning
+
+    report = run_tuning(tmp_path, ["ewc"], grid=(0.1, 10.0), steps=2, prompts=1, images=1, gen_steps=3)
+    spec = json.loads((EXAMPLES / "concepts.json").read_text())
+    assert report["protocol"]["tasks"] == spec["tuning_sequence"]
+    assert not set(spec["tuning_sequence"]) & set(spec["standard_sequence"])
+    trials = report["trials"]
+    assert [t["settings"] for t in trials] == [{"ewc_lambda": 0.1}, {"ewc_lambda": 10.0}]
+    best = max(trials, key=lambda t: t["ia"])
+    assert report["chosen"] == {"ewc": best["settings"]}
+    text = (tmp_path / "results.md").read_text()
+    assert "ewc_lambda=0.1" in text and "ewc_lambda=10" in text and "yes" in text
+    with pytest.raises(ValueError, match="no weight to tune|has a weight"):
+        run_tuning(tmp_path / "none", ["cidm"])
+
+
 def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
     from cidm.bench import run_methods_bench
 
