@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from . import quality
 from .train import save_grid
@@ -60,9 +61,12 @@ Diffusion: `StableDiffusionPipeline.from_pretrained(this folder)` and `CLIPModel
   scenes that differ only in the shape: colour and context tell random scenes apart so easily that, without these
   hard negatives, shape stayed near chance. Its text tower initialises the diffusion model's text encoder (SD uses
   CLIP's), which then trains jointly with the UNet; the evaluator's later continuations change only the evaluator.
-- **UNet:** a `UNet2DConditionModel` with 7 cross-attention layers at 16×16, 8×8 and 4×4. It is trained with the
-  epsilon objective, Min-SNR-5 weighting and 10 % empty captions. The shipped checkpoint is gated on measured
-  prompt-following, not on the loss. Shipped: {unet_weights} weights at step {unet_step}.
+- **UNet:** a `UNet2DConditionModel` ({unet_params:.2f} M parameters, channels {unet_channels}, {unet_heads}
+  attention heads) with 7 cross-attention layers at 16×16, 8×8 and 4×4. It is trained with the epsilon objective,
+  Min-SNR-5 weighting and 10 % empty captions. The shipped checkpoint is gated on measured prompt-following, not on
+  the loss. Shipped: {unet_weights} weights at step {unet_step}.
+- **Learning concepts on it:** `cidm_task_defaults.json` sets the LoRA learning rate to 1e-3. At the paper's 1e-4
+  (tuned for SD-1.5) a toy concept's LoRA stays near zero and only its tokens are learned.
 
 ## Measured quality (held-out seeds)
 
@@ -91,12 +95,19 @@ def write_card(model_dir: Path, report: dict) -> None:
               *[f"evaluator continuation {i + 1}: {r['steps']} steps with shape groups"
                 f"{'' if r.get('shipped', True) else ' (not shipped: no better)'}"
                 for i, r in enumerate(info.get("evaluator_runs", []))],
-              f"UNet {info['unet']['steps']} steps (batch 32)"]
+              f"UNet {info['unet']['steps']} steps (batch 32"
+              + ("; a new architecture trained from scratch with `--new-unet` on the tokenizer, VAE, evaluator and "
+                 "text encoder above)" if info.get("new_unet") else ")")]
+    unet_config = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
+    n_params = sum(t.numel() for t in load_file(str(Path(model_dir) / "unet" / "diffusion_pytorch_model.safetensors"))
+                   .values())
     text = CARD.format(vae_psnr=info.get("vae_finetune", info["vae"])["psnr_db"], unet_weights=unet["weights"],
                        unet_step=unet["step"], n_eval=1000, n_prompts=200, ev_shape=ev["shape"],
                        ev_colour=ev["colour"], ev_context=ev["context"], gen_shape=gen["shape"],
                        gen_colour=gen["colour"], gen_context=gen["context"],
-                       speed=report["seconds_8_images_25_steps"], training="; ".join(stages))
+                       speed=report["seconds_8_images_25_steps"], training="; ".join(stages),
+                       unet_params=n_params / 1e6, unet_channels="/".join(map(str, unet_config["block_out_channels"])),
+                       unet_heads=unet_config["attention_head_dim"])
     (Path(model_dir) / "README.md").write_text(text)
     (Path(model_dir) / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
 

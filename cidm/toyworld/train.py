@@ -53,7 +53,7 @@ class ToyTrainConfig:
     unet_batch: int = 32
     unet_lr: float = 6e-4
     unet_warmup: int = 300
-    unet_total_steps: int = 11_000  # the cosine schedule's length across all resumed runs (~3 steps/s, 1 h)
+    unet_total_steps: int = 7_000  # the cosine schedule's length across all resumed runs (~2 steps/s, 1 h)
     unet_min_lr_ratio: float = 0.1
     train_text_encoder: bool = True  # from the evaluator's text tower, trained jointly (the evaluator keeps its own)
     text_encoder_lr: float = 2e-4
@@ -144,10 +144,11 @@ def make_unet():
     from diffusers import UNet2DConditionModel
 
     # cross-attention at 16×16 and 8×8 (down and up) and 4×4 (mid): 7 cross-attention layers in 3 resolutions.
-    # diffusers' `attention_head_dim` is the number of heads in this config: 2 heads of 16/32 channels. (16 heads
-    # of 2-4 channels spent half of a CPU forward in attention softmax: 136 vs 49 ms per batch of 16.)
+    # diffusers' `attention_head_dim` is the number of heads in this config: 2 heads of 20-80 channels. (16 heads of
+    # 4-8 channels spent half of a CPU forward in attention softmax.) Norm groups of 5-20 channels: with 1 channel per
+    # group (32 groups of 32) GroupNorm becomes instance norm, and a trial run learned colours poorly.
     return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64, 64), norm_num_groups=32, cross_attention_dim=128,
+                                block_out_channels=(40, 80, 160), norm_num_groups=8, cross_attention_dim=128,
                                 attention_head_dim=2,
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
@@ -492,12 +493,25 @@ def gate_checkpoint(cfg, out, model_dir, raw, ema, vae, tokenizer, ddim, clip, s
     return best
 
 
+# Learning settings for this base (cidm.models.find_task_defaults). At the paper's LoRA learning rate (1e-4, tuned for
+# SD-1.5) a toy concept's LoRA stays near zero: the learned <medic> (a white square with a red cross) came out as a
+# green square, the same as with its LoRA switched off. At 1e-3 the LoRA carries the concept's identity.
+TASK_DEFAULTS = {"lr_lora": 1e-3,
+                 "_comment": "the toy base's LoRA learning rate; at the paper's 1e-4 toy LoRAs stay near zero"}
+
+
+def write_pointers(model_dir: Path) -> None:
+    """The files beside the pipeline that CIDM reads: where the evaluator is, and this base's learning settings."""
+    (model_dir / "cidm_evaluator.json").write_text(json.dumps({"evaluator": "evaluator"}, indent=1) + "\n")
+    (model_dir / "cidm_task_defaults.json").write_text(json.dumps(TASK_DEFAULTS, indent=1) + "\n")
+
+
 def ship(model_dir: Path, pipe, best: dict) -> None:
     """Write the pipeline folder (diffusers layout) and record what was shipped and how well it measured."""
     pipe.save_pretrained(model_dir)
     # the UNet's weights stored in fp16 halve the repo's largest file; loading upcasts them to fp32 (as before)
     copy.deepcopy(pipe.unet).half().save_pretrained(model_dir / "unet")
-    (model_dir / "cidm_evaluator.json").write_text(json.dumps({"evaluator": "evaluator"}, indent=1) + "\n")
+    write_pointers(model_dir)
     info_path = model_dir / "training.json"
     info = json.loads(info_path.read_text())
     info["unet"] = {"steps": best["step"], "best": best}
@@ -538,6 +552,8 @@ def train_all(cfg: ToyTrainConfig, resume_from: str | None = None) -> Path:
                 import shutil
                 shutil.copytree(src / sub, model_dir / sub)
     info["config"] = dataclasses.asdict(cfg)
+    if cfg.new_unet:
+        info["new_unet"] = True  # the UNet below starts from scratch; the other parts come from `resume_from`
 
     if not (model_dir / "tokenizer").exists():
         build_tokenizer().save_pretrained(model_dir / "tokenizer")
@@ -586,7 +602,7 @@ def train_all(cfg: ToyTrainConfig, resume_from: str | None = None) -> Path:
 
     ddpm, ddim = make_schedulers()
     ddim.save_pretrained(model_dir / "scheduler")
-    (model_dir / "cidm_evaluator.json").write_text(json.dumps({"evaluator": "evaluator"}, indent=1) + "\n")
+    write_pointers(model_dir)
 
     if not (out / "cache" / "latents.pt").exists():
         t0 = time.time()
