@@ -18,6 +18,7 @@ EMBEDDED_MODEL = Path(__file__).parent / "toyworld" / "model"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_EVALUATOR = "openai/clip-vit-base-patch32"  # the CIDM paper's ViT-B/32 for IA / TA
 EVALUATOR_POINTER = "cidm_evaluator.json"  # beside a base model folder: {"evaluator": "<path relative to it>"}
+TASK_DEFAULTS = "cidm_task_defaults.json"  # beside a base model folder: TaskConfig settings tuned for that base
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -35,6 +36,7 @@ class BaseModelInfo:
     text_hidden_size: int  # width of the text embeddings the cross-attention reads
     resolution: int  # native image side in pixels
     evaluator: str  # CLIP model (Hub id or folder) used for IA / TA
+    task_defaults: dict = dataclasses.field(default_factory=dict)  # this base's learning settings (else the paper's)
 
     @property
     def num_cross_attn_layers(self) -> int:
@@ -78,6 +80,15 @@ def find_evaluator(source: str) -> str:
     return HUB_EVALUATOR
 
 
+def find_task_defaults(source: str) -> dict:
+    """Learning settings that a local base folder ships (e.g. the toy world's LoRA learning rate); Hub models and
+    folders without the file learn with the paper's settings. Keys starting with '_' are comments."""
+    path = Path(source) / TASK_DEFAULTS
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
 def describe(pipe, source: str) -> BaseModelInfo:
     unet = pipe.unet
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -88,6 +99,7 @@ def describe(pipe, source: str) -> BaseModelInfo:
         text_hidden_size=int(unet.config.cross_attention_dim),
         resolution=int(unet.config.sample_size) * vae_scale,
         evaluator=find_evaluator(source),
+        task_defaults=find_task_defaults(source),
     )
 
 

@@ -82,7 +82,8 @@ class Studio:
             raise ValueError(f"kind must be 'object' or 'style', got {kind!r}")
         if not class_word or not class_word.strip():
             raise ValueError("the class word is empty; give the kind of thing it is, e.g. 'dog', 'mug' or 'style'")
-        config = TaskConfig(name=name, class_word=class_word.strip(), kind=kind, **{**self.method.train, **settings})
+        config = TaskConfig(name=name, class_word=class_word.strip(), kind=kind,
+                            **{**self.info.task_defaults, **self.method.train, **settings})
         pixels = images_lib.prepare_training_images(sources, self.info.resolution)
         if replace and name in self.loras:
             self._forget(name)

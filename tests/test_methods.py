@@ -76,6 +76,26 @@ def test_tokens_only_diagnostic_generates_exactly_as_with_no_lora(base, tmp_path
     assert np.abs(with_lora.astype(int) - tokens_only).max() > 0
 
 
+def test_a_base_folders_learning_settings_apply_unless_a_task_overrides_them(base, tmp_path):
+    import dataclasses
+    import json
+
+    from cidm.models import find_task_defaults
+
+    assert find_task_defaults(str(tmp_path)) == {}
+    (tmp_path / "cidm_task_defaults.json").write_text(json.dumps({"lr_lora": 0.002, "_comment": "why"}))
+    assert find_task_defaults(str(tmp_path)) == {"lr_lora": 0.002}
+    from conftest import make_tiny_pipeline
+
+    info = dataclasses.replace(base[1], task_defaults={"lr_lora": 0.002})
+    studio = Studio(tmp_path / "lib", pipe=make_tiny_pipeline(), info=info, method="cidm")
+    studio.record_forgetting = False
+    learn(studio, "medic", steps=1)
+    learn(studio, "bolt", steps=1, lr_lora=0.003)
+    concepts = studio.library.manifest["concepts"]
+    assert concepts["medic"]["training"]["lr_lora"] == 0.002 and concepts["bolt"]["training"]["lr_lora"] == 0.003
+
+
 def test_a_library_keeps_its_method(base, tmp_path):
     from cidm.library import LibraryError
 
