@@ -12,17 +12,20 @@ import torch
 from .lora import LoRAWeights
 
 
-def elastic_weights(c_hat: torch.Tensor, e_hat: torch.Tensor, psi: str = "paper") -> torch.Tensor:
+def elastic_weights(c_hat: torch.Tensor, e_hat, psi: str = "paper") -> torch.Tensor:
     # Eq. 3: M = max_rows(ĉ^l ê^lᵀ), weights ψ(M)
     """Implements Eq. 3 (EWA weights) of Dong et al., NeurIPS 2024.
 
-    c_hat (L, N, D): the prompt's layer-wise embeddings at its N real tokens; e_hat (T, L, D): each task's concept
-    embeddings per layer. Returns ψ (L, T). psi="paper": M²/‖M²‖₂; psi="code": 0.8·M⁴/ΣM⁴ (official code).
-    Similarities are cosines (as in the official code); negative ones count as 0.
+    c_hat (L, N, D): the prompt's layer-wise embeddings at its N real tokens; e_hat: each task's concept embeddings,
+    (T, L, D), or per task its slots (S_t, L, D). A slot's similarity is its best cosine among the prompt tokens; a
+    task's M is its slots' average, so a prompt that names a concept scores it exactly 1 (averaging the slots' rows
+    first let a look-alike concept outscore it). Returns ψ (L, T). psi="paper": M²/‖M²‖₂; psi="code": 0.8·M⁴/ΣM⁴
+    (official code). Similarities are cosines (as in the official code); negative ones count as 0.
     """
     c = torch.nn.functional.normalize(c_hat.float(), dim=-1)  # (L, N, D)
-    e = torch.nn.functional.normalize(e_hat.float(), dim=-1).transpose(0, 1)  # (L, T, D)
-    M = torch.einsum("lnd,ltd->lnt", c, e).amax(dim=1).clamp(min=0)  # (L, T): max over prompt tokens
+    tasks = [e[None] if e.dim() == 2 else e for e in e_hat]  # per task (S, L, D)
+    M = torch.stack([torch.einsum("lnd,sld->lns", c, torch.nn.functional.normalize(e.float(), dim=-1))
+                     .amax(dim=1).mean(dim=-1) for e in tasks], dim=-1).clamp(min=0)  # (L, T)
     if psi == "paper":
         m2 = M ** 2
         return m2 / m2.norm(dim=-1, keepdim=True).clamp(min=1e-12)
@@ -52,7 +55,7 @@ def ewa_weights(tokens, names: list[str], prompt: str, psi: str = "paper", space
     """ψ (L, T) for the tasks `names` and a prompt."""
     if not names:
         return torch.zeros(tokens.n_layers, 0)
-    e_hat = torch.stack([tokens.concept_embeddings(n, space) for n in names])  # (T, L, D)
+    e_hat = [tokens.concept_embeddings(n, space) for n in names]  # per task (S, L, D)
     return elastic_weights(prompt_token_embeddings(tokens, prompt, space), e_hat, psi)
 
 

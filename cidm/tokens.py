@@ -214,7 +214,7 @@ class ConceptTokens:
         return hidden
 
     def concept_embeddings(self, name: str, space: str = "token") -> torch.Tensor:
-        """A task's concept embedding per layer, its slots averaged (Eq. 3's ê): (L, D).
+        """A task's concept embeddings per layer, one per slot (Eq. 3's ê): (S, L, D).
 
         space="token": the layer-wise token rows themselves. space="encoded": the text encoder's output at the
         concept's positions in a neutral template, "a photo of a <name>": encoded alone, right after BOS, any two
@@ -222,11 +222,11 @@ class ConceptTokens:
         """
         n_slots = self.slots[name]
         if space == "token":
-            return self.rows(name).detach().view(n_slots, self.n_layers, -1).mean(0)
+            return self.rows(name).detach().view(n_slots, self.n_layers, -1)
         template = "a photo of a {}"
         hidden = self.encode([template.format(f"<{name}>")])[0, :self.n_layers]  # (L, N, D)
         first = len(self.pipe.tokenizer(template.format("x")).input_ids) - 2  # the concept's first slot
-        return hidden[:, first:first + n_slots].mean(1)
+        return hidden[:, first:first + n_slots].transpose(0, 1)
 
     def rows(self, name: str) -> torch.Tensor:
         return self.embedding.concepts[name]

@@ -200,6 +200,14 @@ def test_ewa_weights_follow_the_paper_and_the_code():
     assert code.sum().item() == pytest.approx(0.8)
 
 
+def test_ewa_scores_each_slot_by_its_best_prompt_token_so_a_named_concept_scores_one():
+    c_hat = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # the prompt holds both slots of task 0: (L=1, N=2, D=2)
+    named = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # task 0's two slots: (S=2, L=1, D=2)
+    look_alike = torch.tensor([[[0.8, 0.6]], [[0.6, 0.8]]])  # both slots near the slots' mean (0.71, 0.71)
+    M = elastic_weights(c_hat, [named, look_alike], "code")[0] / 0.8
+    torch.testing.assert_close(M, torch.tensor([1.0, 0.8 ** 4]) / (1 + 0.8 ** 4))  # rows averaged first: both 0.71
+
+
 def test_ewa_puts_the_largest_weight_on_the_named_concept(studio):
     for k, name in enumerate(studio.names):
         for prompt in (f"a photo of a <{name}>", f"a photo of a <{name}> on a beach"):
