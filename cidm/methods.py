@@ -47,7 +47,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("finetune", "Finetuning: one LoRA carried from task to task, no regulariser",
            {**NO_REG, "init_from_previous": True}, merge="last"),
     Method("ewc", "EWC: one LoRA carried from task to task, diagonal-Fisher penalty (online EWC)",
-           {**NO_REG, "init_from_previous": True, "ewc_lambda": 1.0}, merge="last", weight="ewc_lambda"),
+           {**NO_REG, "init_from_previous": True, "ewc_lambda": 10.0}, merge="last", weight="ewc_lambda"),
     Method("lwf", "LwF: one LoRA carried across tasks, distilled from the previous model on old concepts' prompts",
            {**NO_REG, "init_from_previous": True, "lwf_lambda": 10.0}, merge="last", weight="lwf_lambda"),
     Method("c-lora", "C-LoRA: K/V LoRA on the merged past deltas, self-regularised, random tokens",
