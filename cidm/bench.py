@@ -303,9 +303,10 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
             fig = ia_heatmap({t: {n: ia[n][t] for n in order[:t]} for t in range(1, len(order) + 1)}, order,
                              title=f"IA after each task: {m}")
             fig.savefig(out / f"ia_heatmap_{m}.png", dpi=100)
+        # after every group, so that a long run stopped early keeps what it measured (`--merge` tables any parts)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(results_markdown(results, order))
     ia_lines(ia_curves(results)).savefig(out / "ia_over_tasks.png", dpi=100)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(results_markdown(results, order))
     print((out / "results.md").read_text())
     return results
 

@@ -100,6 +100,24 @@ def test_methods_that_learn_alike_share_one_training_run(tmp_path):
     assert c["ia"]["medic"][2] != m["ia"]["medic"][2]  # two: averaged weights differ from averaged predictions
 
 
+def test_a_methods_run_stopped_early_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    from cidm import bench
+
+    real, calls = bench.run_sequence, []
+
+    def stop_at_second_group(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_sequence", stop_at_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_methods_bench(tmp_path, ["lora-m", "finetune"], tasks=1, steps=2, prompts=1, images=1, gen_steps=3)
+    kept = bench.load_results(tmp_path / "results.json")
+    assert list(kept["methods"]) == ["lora-m"] and "| lora-m |" in (tmp_path / "results.md").read_text()
+
+
 def test_tuning_picks_the_weight_with_the_best_average_ia_on_the_tuning_sequence(tmp_path):
     from cidm.bench import run_tuning
 
