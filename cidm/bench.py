@@ -234,6 +234,15 @@ def training_groups(methods: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
+def make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, batch_size: int = 4) -> dict:
+    """What every method of one comparison shares (and `--merge` checks); batch_size only when not the default."""
+    protocol = {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images, "seed": seed,
+                "gen_steps": gen_steps, "guidance": guidance}
+    if batch_size != 4:
+        protocol["batch_size"] = batch_size
+    return protocol
+
+
 def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], protocol: dict, evaluator,
                  base_model: str | None = None, overrides: dict | None = None, label: str | None = None) -> dict:
     """Learn `order` once with the first method's training (plus `overrides`), and after every task t score every
@@ -289,10 +298,7 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
     order = spec["standard_sequence"][:tasks]
     for m in methods:
         get_method(m)
-    protocol = {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images, "seed": seed,
-                "gen_steps": gen_steps, "guidance": guidance}
-    if batch_size != 4:
-        protocol["batch_size"] = batch_size
+    protocol = make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, batch_size)
     results: dict = {"protocol": protocol, "methods": {}}
     evaluator = None
     for group in training_groups(methods):
@@ -326,8 +332,7 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
     out.mkdir(parents=True, exist_ok=True)
     spec = load_concept_set(concepts)
     order = spec["tuning_sequence"]
-    protocol = {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images, "seed": seed,
-                "gen_steps": gen_steps, "guidance": guidance}
+    protocol = make_protocol(order, steps, prompts, images, seed, gen_steps, guidance)
     trials = []
     for m in methods:
         weight = get_method(m).weight
@@ -351,7 +356,7 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
         if candidates:
             best = max(candidates, key=lambda r: r["ia"])
             chosen[m] = {weight: best["settings"][weight]}
-    report = {"protocol": protocol, "chosen": chosen, "trials": [{k: v for k, v in r.items()} for r in rows]}
+    report = {"protocol": protocol, "chosen": chosen, "trials": rows}
     (out / "tuning.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(["method", "setting", "avg IA", "avg TA", "mean forgetting", "chosen"],
                            [[r["method"], ", ".join(f"{k}={v:g}" for k, v in r["settings"].items()), r["ia"], r["ta"],
