@@ -67,7 +67,17 @@ def layer_of(module: str) -> str:
 @contextlib.contextmanager
 @torch.no_grad()
 def merged(unet, layers: dict[str, int], loras: list[LoRAWeights], weights: torch.Tensor):
-    """Within the block, W^l = W0^l + Σ_i ψ_i^l ΔW_i^l (ΔŴ of Eq. 3); afterwards the base weights, bit for bit."""
+    """Within the block, W^l = W0^l + Σ_i ψ_i^l ΔW_i^l (ΔŴ of Eq. 3); afterwards the base weights, bit for bit.
+
+    weights: (L, T), or (B, L, T) with one row per sample of every UNet call in the block (a batch of prompts whose
+    EWA weights differ). Equal rows merge into the weights once; differing rows add each sample's Σ_i ψ_i ΔW_i x to
+    the projections' outputs instead (peft's mixed-batch inference): the same Eq. 3, per sample.
+    """
+    if weights.dim() == 3 and not torch.equal(weights, weights[:1].expand_as(weights)):
+        with per_sample_deltas(unet, layers, loras, weights):
+            yield
+        return
+    weights = weights[0] if weights.dim() == 3 else weights
     modules = dict(unet.named_modules())
     originals: list[tuple[torch.nn.Module, torch.Tensor]] = []
     try:
@@ -88,3 +98,37 @@ def merged(unet, layers: dict[str, int], loras: list[LoRAWeights], weights: torc
     finally:
         for linear, weight in reversed(originals):  # unmerge last in, first out
             linear.weight.data = weight
+
+
+@contextlib.contextmanager
+def per_sample_deltas(unet, layers: dict[str, int], loras: list[LoRAWeights], weights: torch.Tensor):
+    """Forward hooks that add Σ_i ψ_i^l[b] · s_i A_i (B_i x_b) to each LoRA target's output, sample b by sample b:
+    two thin matmuls per module (all tasks' B stacked, then all A), the base weights untouched."""
+    modules = dict(unet.named_modules())
+    handles = []
+
+    def hook_for(module: str, l: int):
+        present = [i for i, lora in enumerate(loras) if module in lora.up]
+        linear = modules[module]
+        device, dtype = linear.weight.device, linear.weight.dtype
+        down = torch.cat([loras[i].down[module] for i in present]).to(device, dtype)  # (Σr, in)
+        up = torch.cat([loras[i].scale * loras[i].up[module] for i in present], 1).to(device, dtype)  # (out, Σr)
+        ranks = [loras[i].down[module].shape[0] for i in present]
+        psi = weights[:, l, present].to(device, dtype).repeat_interleave(torch.tensor(ranks), dim=1)  # (B, Σr)
+
+        def hook(_module, inputs, output):
+            x = inputs[0]
+            if x.shape[0] != psi.shape[0]:
+                raise ValueError(f"{module}: a batch of {x.shape[0]} samples, but EWA weights for {psi.shape[0]}")
+            h = (x @ down.T) * psi.view(-1, *[1] * (x.dim() - 2), psi.shape[1])
+            return output + h @ up.T
+        return hook
+
+    try:
+        for module in sorted({m for lora in loras for m in lora.modules}):
+            if module in modules:
+                handles.append(modules[module].register_forward_hook(hook_for(module, layers[layer_of(module)])))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,6 +12,7 @@ from PIL import Image
 from .attention import install_processors
 from .ewa import ewa_weights, merged
 from .lora import LoRAWeights
+from .models import precision_context
 
 
 @dataclasses.dataclass
@@ -29,6 +30,7 @@ class GenerateConfig:
     height: int | None = None
     width: int | None = None
     context_strength: float = 0.6  # LFS in-context generation: how much of a concept's vision context is re-noised
+    mixed_precision: str = "no"  # autocast of the UNet passes: "no" | "fp16" | "bf16" (CPU bf16: ~1.4× faster)
 
 
 MERGES = ("ewa", "mean", "sum", "last", "composite", "none")
@@ -54,66 +56,77 @@ def layer_weights(tokens, loras: dict[str, LoRAWeights], prompt: str, config: Ge
 
 
 @torch.no_grad()
-def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str, negative_prompt: str = "",
+def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str | list[str], negative_prompt: str = "",
              config: GenerateConfig | None = None, callback: Callable[[int, int], None] | None = None,
              contexts: dict[str, Image.Image] | None = None) -> list[Image.Image]:
-    """Images for one prompt that may name any learned `<concept>`.
+    """Images for one prompt that may name any learned `<concept>`; `config.num_images` each, prompt by prompt.
 
+    A list of prompts is generated as one batch: each prompt starts from the same `config.seed` noise and keeps its
+    own EWA weights, so the images equal those of one call per prompt (up to float rounding), in less time.
     `contexts` (LFS in-context generation): vision contexts by concept; a prompt naming one starts from its latents.
     """
     config = config or GenerateConfig()
     unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
     device, dtype = unet.device, unet.dtype
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    n = config.num_images
 
     # 1. Check inputs
-    if not prompt or not prompt.strip():
+    if not prompts or any(not p or not p.strip() for p in prompts):
         raise ValueError("the prompt is empty; describe the image, e.g. 'a photo of a <name> on a beach'")
-    named = [n for n in tokens.check_prompt(prompt) if n in (contexts or {})]  # LFS: concepts with a context
+    named = [[c for c in tokens.check_prompt(p) if c in (contexts or {})][:1] for p in prompts]  # LFS contexts
+    if any(named) and not all(named):
+        raise ValueError("prompts with and without a vision context start at different steps; generate them apart")
     tokens.check_prompt(negative_prompt)
-    if config.steps < 1 or config.num_images < 1:
-        raise ValueError(f"steps and num_images must be at least 1 (got {config.steps}, {config.num_images})")
+    if config.steps < 1 or n < 1:
+        raise ValueError(f"steps and num_images must be at least 1 (got {config.steps}, {n})")
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     height = config.height or unet.config.sample_size * scale
     width = config.width or unet.config.sample_size * scale
     if height % scale or width % scale:
         raise ValueError(f"height and width must be multiples of {scale} (got {height}×{width})")
 
-    # 2. Bind the prompt into layer-wise embeddings: (1, L, N, D) each
-    cond = tokens.encode([prompt]).to(dtype)
-    uncond = tokens.encode([negative_prompt]).to(dtype)
-    text = torch.cat([uncond.expand(config.num_images, -1, -1, -1), cond.expand(config.num_images, -1, -1, -1)])
+    # 2. Bind the prompts into layer-wise embeddings: (P·n, L, N, D) each, uncond first
+    cond = tokens.encode(prompts).to(dtype).repeat_interleave(n, dim=0)
+    uncond = tokens.encode([negative_prompt]).to(dtype).expand_as(cond)
+    text = torch.cat([uncond, cond])
 
-    # 3. EWA weights (Eq. 3), once per prompt
-    weights = layer_weights(tokens, loras, prompt, config)
+    # 3. EWA weights (Eq. 3), once per prompt: (2·P·n, L, T), one row per sample of the batch
+    weights = torch.stack([layer_weights(tokens, loras, p, config) for p in prompts]).repeat_interleave(n, dim=0)
+    weights = torch.cat([weights, weights])
 
     # 4. Processors that give each cross-attention layer its own text
     layers = install_processors(unet)
 
     # 5. Denoising loop, with the merged weights
     generator = torch.Generator().manual_seed(config.seed)
-    latents = torch.randn((config.num_images, unet.config.in_channels, height // scale, width // scale),
-                          generator=generator).to(device, dtype)
+    noise = torch.randn((n, unet.config.in_channels, height // scale, width // scale), generator=generator)
+    latents = noise.repeat(len(prompts), 1, 1, 1).to(device, dtype)
     scheduler.set_timesteps(config.steps, device=device)
     timesteps = scheduler.timesteps
     latents = latents * scheduler.init_noise_sigma
-    if named:  # in-context generation: the first named concept's vision context, noised to context_strength
+    if any(named):  # in-context generation: each prompt's first named concept's vision context, noised
         timesteps = partial_timesteps(scheduler, config.context_strength)
-        z_context = encode_image(vae, contexts[named[0]].resize((width, height))).to(device, dtype)
-        latents = scheduler.add_noise(z_context.expand_as(latents), latents, timesteps[:1])
-    def predict(x, t):
-        return unet(x, t, encoder_hidden_states=text[:, 0], cross_attention_kwargs={"layerwise_text": text}).sample
+        z_context = torch.cat([encode_image(vae, contexts[c[0]].resize((width, height))) for c in named])
+        z_context = z_context.to(device, dtype).repeat_interleave(n, dim=0)
+        latents = scheduler.add_noise(z_context, latents, timesteps[:1])
+
+    def predict(x, t, text):
+        eps = unet(x, t, encoder_hidden_states=text[:, 0], cross_attention_kwargs={"layerwise_text": text}).sample
+        return eps.to(dtype)  # out of autocast's precision
 
     composite = config.merge == "composite" and len(loras) > 1
-    with merged(unet, layers, [] if composite else list(loras.values()), weights):
+    autocast = precision_context(config.mixed_precision, device)
+    with merged(unet, layers, [] if composite else list(loras.values()), weights), autocast():
         for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             if composite:  # LoRA-Composite: each LoRA alone, predictions averaged (uncond and cond separately)
                 eps = 0
                 for lora in loras.values():
                     with merged(unet, layers, [lora], torch.ones(len(layers), 1)):
-                        eps = eps + predict(x, t) / len(loras)
+                        eps = eps + predict(x, t, text) / len(loras)
             else:
-                eps = predict(x, t)
+                eps = predict(x, t, text)
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + config.guidance * (eps_cond - eps_uncond)  # classifier-free guidance
             latents = scheduler.step(eps, t, latents).prev_sample

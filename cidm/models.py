@@ -6,6 +6,7 @@ package: every one is a diffusers folder (or Hub id) read with `DiffusionPipelin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -163,3 +164,13 @@ def load_evaluator(evaluator: str, device: str | None = None):
         raise BaseModelError(f"could not load the evaluator {evaluator!r}: {err}. Put a CLIP model folder beside the "
                              f"base model and name it in {EVALUATOR_POINTER}.") from err
     return clip.to(device or default_device()), tokenizer
+
+
+def precision_context(mixed_precision: str, device: torch.device):
+    """A context that runs the forward passes in fp16/bf16 autocast, or a no-op for "no"."""
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if mixed_precision == "no":
+        return contextlib.nullcontext
+    if mixed_precision not in dtypes:
+        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    return lambda: torch.autocast(device.type, dtype=dtypes[mixed_precision])

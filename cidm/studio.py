@@ -237,7 +237,7 @@ class Studio:
         """Generation settings: the library's method decides how the LoRAs merge, unless overridden."""
         return GenerateConfig(**{"merge": self.method.merge, "psi": self.method.psi, **settings})
 
-    def generate(self, prompt: str, negative_prompt: str = "", callback=None, **settings):
+    def generate(self, prompt: str | list[str], negative_prompt: str = "", callback=None, **settings):
         return generate(self.pipe, self.tokens, self.loras, prompt, negative_prompt, self.settings(**settings),
                         callback=callback, contexts=self.contexts if self.method.icgen else None)
 

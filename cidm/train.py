@@ -22,6 +22,7 @@ from .attention import install_processors
 from .ewa import merged
 from .images import Augment
 from .losses import TaskSharedKnowledge, diffusion_loss, orthogonal_subspace_loss
+from .models import precision_context
 
 OBJECT_TEMPLATES = ("a photo of a {}", "a close-up photo of a {}", "a picture of a {}", "a photo of the {}")
 STYLE_TEMPLATES = ("a picture in {} style", "a photo in {} style", "a painting in {} style", "an image in {} style")
@@ -292,16 +293,6 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
         shared.remove_task(config.name)
     return TaskResult(config.name, step, time.time() - t0, cancelled, terms, token_rows.detach().cpu().clone(),
                       new_fisher)
-
-
-def precision_context(mixed_precision: str, device: torch.device):
-    """A context that runs the forward passes in fp16/bf16 autocast, or a no-op for "no"."""
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    if mixed_precision == "no":
-        return contextlib.nullcontext
-    if mixed_precision not in dtypes:
-        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
-    return lambda: torch.autocast(device.type, dtype=dtypes[mixed_precision])
 
 
 def optimizer_class(use_8bit_adam: bool):

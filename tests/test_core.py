@@ -239,6 +239,64 @@ def test_unmerge_restores_base_weights_exactly(studio):
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
 
 
+def test_a_batch_of_prompts_equals_one_call_per_prompt_with_each_prompts_own_ewa_weights(studio):
+    prompts = ["a photo of a <medic>", "a photo of a <bolt> on a beach", "a picture in <pixelart> style"]
+    weights = [ewa_weights(studio.tokens, studio.names, p) for p in prompts]
+    assert not torch.allclose(weights[0], weights[1])  # the batch needs per-sample weights
+    alone = [np.asarray(im, np.float32) for p in prompts for im in studio.generate(p, steps=3, num_images=2)]
+    batch = [np.asarray(im, np.float32) for im in studio.generate(prompts, steps=3, num_images=2)]
+    assert len(batch) == 6
+    for a, b in zip(alone, batch):
+        assert np.abs(a - b).max() <= 1.0  # float rounding at most
+    assert np.abs(batch[0] - batch[2]).mean() > 1.0  # and the prompts do differ
+
+
+def test_per_sample_deltas_equal_a_merge_per_sample(studio):
+    from cidm.attention import install_processors
+
+    unet = studio.pipe.unet
+    layers = install_processors(unet)
+    loras = [LoRAWeights({m: 1000 * u for m, u in lora.up.items()}, lora.down, lora.scale)  # large enough to show
+             for lora in studio.loras.values()]
+    weights = torch.rand(2, 7, 3, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g)
+    text = torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        plain = unet(x, 10, encoder_hidden_states=text).sample
+        with merged(unet, layers, loras, weights):
+            mixed = unet(x, 10, encoder_hidden_states=text).sample
+        for b in range(2):
+            with merged(unet, layers, loras, weights[b]):
+                one = unet(x[b:b + 1], 10, encoder_hidden_states=text[b:b + 1]).sample
+            torch.testing.assert_close(mixed[b:b + 1], one, atol=1e-5, rtol=1e-4)
+    assert (mixed - plain).abs().mean() > 1e-2
+
+
+def test_per_sample_weights_leave_the_base_weights_and_refuse_a_wrong_batch(studio):
+    from cidm.attention import install_processors
+
+    unet = studio.pipe.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    layers = install_processors(unet)
+    weights = torch.rand(3, 7, 3)
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with pytest.raises(ValueError, match="a batch of 2 samples, but EWA weights for 3"):
+        with merged(unet, layers, list(studio.loras.values()), weights):
+            assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+            unet(x, 10, encoder_hidden_states=text)
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_mixed_precision_generation_stays_close_to_full_precision(studio):
+    full = image(studio, "a photo of a <bolt>")
+    bf16 = image(studio, "a photo of a <bolt>", mixed_precision="bf16")
+    assert 0 < np.abs(full - bf16).mean() < 4.0
+    with pytest.raises(ValueError, match="mixed_precision must be"):
+        image(studio, "a photo of a <bolt>", mixed_precision="fp8")
+
+
 def test_merge_refuses_non_finite_weights(studio):
     from cidm.attention import install_processors
 
