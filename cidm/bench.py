@@ -36,11 +36,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def generate_set(studio: Studio, prompts: list[str], n_images: int, steps: int, guidance: float, seed: int = 0,
                  **settings):
-    """n_images per prompt, generated as one batch from `seed` (the same initial noise for every method)."""
-    images = []
-    for p in prompts:
-        images += studio.generate(p, steps=steps, guidance=guidance, seed=seed, num_images=n_images, **settings)
-    return images
+    """n_images per prompt, all prompts in one batch from `seed` (the same initial noise for every prompt and
+    method)."""
+    return studio.generate(list(prompts), steps=steps, guidance=guidance, seed=seed, num_images=n_images, **settings)
 
 
 def run_core_bench(out: Path, base_model: str | None = None, concepts: Path = EXAMPLES, tasks: int = 10,
@@ -234,12 +232,16 @@ def training_groups(methods: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, batch_size: int = 4) -> dict:
-    """What every method of one comparison shares (and `--merge` checks); batch_size only when not the default."""
+def make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, batch_size: int = 4,
+                  precision: str = "no") -> dict:
+    """What every method of one comparison shares (and `--merge` checks); batch_size and the generation's
+    precision only when not the default."""
     protocol = {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images, "seed": seed,
                 "gen_steps": gen_steps, "guidance": guidance}
     if batch_size != 4:
         protocol["batch_size"] = batch_size
+    if precision != "no":
+        protocol["gen_precision"] = precision
     return protocol
 
 
@@ -274,7 +276,8 @@ def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], pr
             for n in order[:t]:
                 cn = spec["concepts"][n]
                 gen = generate_set(studio, cn["eval_prompts"][:p["prompts"]], p["images_per_prompt"], p["gen_steps"],
-                                   p["guidance"], p["seed"], merge=method.merge, psi=method.psi)
+                                   p["guidance"], p["seed"], merge=method.merge, psi=method.psi,
+                                   mixed_precision=p.get("gen_precision", "no"))
                 texts = [text for text in cn["eval_texts"][:p["prompts"]] for _ in range(p["images_per_prompt"])]
                 run["ia"][n][t] = image_alignment(evaluator, gen, cn["reference_images"])
                 run["ta"][n][t] = text_alignment(evaluator, gen, texts)
@@ -286,9 +289,13 @@ def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], pr
 
 def run_methods_bench(out: Path, methods: list[str], base_model: str | None = None, concepts: Path = EXAMPLES,
                       tasks: int = 10, steps: int = 300, prompts: int = 5, images: int = 2, seed: int = 0,
-                      gen_steps: int = 25, guidance: float = 5.0, batch_size: int = 4) -> dict:
+                      gen_steps: int = 25, guidance: float = 5.0, batch_size: int = 4, precision: str = "no",
+                      workers: int = 1) -> dict:
     """Every method on one protocol: after every task t, every learned concept (≤ t) is generated with its
-    evaluation prompts × seeds and scored (IA against its references, TA against its prompt with the class word)."""
+    evaluation prompts × seeds and scored (IA against its references, TA against its prompt with the class word).
+
+    workers > 1: the training groups run in that many processes at once (the costliest first, each process on its
+    share of the CPU threads), each into OUT/parts/<group>, and their results are merged into OUT."""
     from .methods import get_method
     from .plots import ia_heatmap, ia_lines
 
@@ -298,10 +305,18 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
     order = spec["standard_sequence"][:tasks]
     for m in methods:
         get_method(m)
-    protocol = make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, batch_size)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    groups = training_groups(methods)
+    if workers > 1 and len(groups) > 1:
+        settings = dict(base_model=base_model, concepts=concepts, tasks=tasks, steps=steps, prompts=prompts,
+                        images=images, seed=seed, gen_steps=gen_steps, guidance=guidance, batch_size=batch_size,
+                        precision=precision)
+        return run_in_workers(out, groups, workers, settings)
+    protocol = make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, batch_size, precision)
     results: dict = {"protocol": protocol, "methods": {}}
     evaluator = None
-    for group in training_groups(methods):
+    for group in groups:
         runs = run_sequence(out, group, spec, order, protocol, evaluator, base_model)
         for m, run in runs.items():
             results["methods"][m] = run
@@ -317,15 +332,59 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
     return results
 
 
-TUNING_GRID = (0.1, 1.0, 10.0)
+def estimated_cost(group: list[str], tasks: int) -> float:
+    """A group's rough cost in units of one concept's evaluation set: learning a task costs about 9 units (twice
+    that with a teacher's passes, LwF and LFS), and after task t a method generates t concepts (LoRA-Composite t
+    times over, one UNet pass per LoRA)."""
+    from .methods import get_method
+
+    train = get_method(group[0]).train
+    learn = 9.0 * tasks * (2.0 if train.get("lwf_lambda") or train.get("lfs_lambda") else 1.0)
+    evaluate = sum(t * (t if get_method(m).merge == "composite" else 1) for m in group for t in range(1, tasks + 1))
+    return learn + evaluate
+
+
+def _run_group(out: Path, group: list[str], threads: int, settings: dict) -> Path:
+    torch.set_num_threads(threads)
+    part = out / "parts" / group[0]
+    run_methods_bench(part, group, **settings)
+    return part
+
+
+def run_in_workers(out: Path, groups: list[list[str]], workers: int, settings: dict) -> dict:
+    """The training groups in `workers` processes, costliest first (each next group goes to the first free process),
+    then one table from their parts. A group that fails stops the run after the others have finished and been
+    merged, so what was measured is kept."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    start = time.perf_counter()
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    ordered = sorted(groups, key=lambda g: -estimated_cost(g, settings["tasks"]))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {tuple(g): pool.submit(_run_group, out, g, threads, settings) for g in ordered}
+    parts, failed = [], []
+    for g in groups:  # the table keeps the methods' order
+        try:
+            parts.append(futures[tuple(g)].result())
+        except Exception as err:  # noqa: BLE001 (reported below, after the others are merged)
+            failed.append(f"{', '.join(g)}: {err}")
+    results = merge_results(parts, out, run={"workers": workers, "threads_each": threads,
+                                             "wall_seconds": time.perf_counter() - start}) if parts else {}
+    if failed:
+        raise RuntimeError("some methods did not finish (the others are in results.md): " + "; ".join(failed))
+    print((out / "results.md").read_text())
+    return results
 
 
 def run_tuning(out: Path, methods: list[str], base_model: str | None = None, concepts: Path = EXAMPLES,
-               grid=TUNING_GRID, steps: int = 300, prompts: int = 5, images: int = 2, seed: int = 0,
+               grid=None, steps: int = 300, prompts: int = 5, images: int = 2, seed: int = 0,
                gen_steps: int = 25, guidance: float = 5.0, extra: dict[str, list[dict]] | None = None) -> dict:
     """Choose each method's weight (its `Method.weight` switch: λ of EWC, LwF, LFS, C-LoRA) on the concept set's
     tuning sequence, which shares no concept with the reported one: the value with the best average IA after the
-    last tuning task. `extra`: more settings to try per method, e.g. {"cidm": [{"lr_lora": 1e-3}]}."""
+    last tuning task. `grid`: the values to try for every method (default: each method's own `Method.grid`).
+    `extra`: more settings to try per method, e.g. {"cidm": [{"lr_lora": 1e-3}]}."""
     from .methods import get_method
 
     out = Path(out)
@@ -336,12 +395,12 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
     trials = []
     for m in methods:
         weight = get_method(m).weight
-        trials += [(m, {weight: v}) for v in (grid if weight else [])] + [(m, o) for o in (extra or {}).get(m, [])]
+        trials += [(m, {weight: v}) for v in ((grid or get_method(m).grid) if weight else [])] + [(m, o) for o in (extra or {}).get(m, [])]
     if not trials:
         raise ValueError(f"none of {', '.join(methods)} has a weight to tune or an extra setting to try")
     rows, evaluator = [], None
     for m, settings in trials:
-        label = m + "".join(f"_{k}={v:g}" for k, v in settings.items())
+        label = m + "".join(f"_{k}={v}" for k, v in format_settings(settings).items())
         run = run_sequence(out, [m], spec, order, protocol, evaluator, base_model, overrides=settings,
                            label=label)[m]
         last = len(order)
@@ -359,7 +418,7 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
     report = {"protocol": protocol, "chosen": chosen, "trials": rows}
     (out / "tuning.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(["method", "setting", "avg IA", "avg TA", "mean forgetting", "chosen"],
-                           [[r["method"], ", ".join(f"{k}={v:g}" for k, v in r["settings"].items()), r["ia"], r["ta"],
+                           [[r["method"], ", ".join(f"{k}={v}" for k, v in format_settings(r["settings"]).items()), r["ia"], r["ta"],
                              r["forgetting"], "yes" if chosen.get(r["method"]) == r["settings"] else ""]
                             for r in rows])
     text = (f"Tuning sequence: {', '.join(order)} (no concept of the reported sequence). Protocol: "
@@ -370,8 +429,13 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
     return report
 
 
-def merge_results(folders: list[Path], out: Path) -> dict:
-    """One results table from method runs made separately (other processes or machines) under one protocol."""
+def format_settings(settings: dict) -> dict[str, str]:
+    return {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
+
+
+def merge_results(folders: list[Path], out: Path, run: dict | None = None) -> dict:
+    """One results table from method runs made separately (other processes or machines) under one protocol.
+    `run`: how the parts were run together (workers, wall time), written with the results."""
     import shutil
 
     from .plots import ia_lines
@@ -382,7 +446,7 @@ def merge_results(folders: list[Path], out: Path) -> dict:
         if part["protocol"] != protocol:
             raise ValueError(f"{f} was run with another protocol ({part['protocol']}); merge only runs of one "
                              f"protocol ({protocol})")
-    results = {"protocol": protocol, "methods": {}}
+    results = {"protocol": protocol, "methods": {}, **({"run": run} if run else {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f, part in zip(folders, parts):
@@ -432,7 +496,10 @@ def results_markdown(results: dict, order: list[str]) -> str:
         rows.append([m, *drops, sum(drops) / len(drops)])
     lines += ["### Forgetting: IA right after learning minus IA after the last task", "",
               markdown_table(["method", *cols, "mean"], rows), ""]
+    run = results.get("run")
     lines += ["### Wall time", "", "Methods that learn identically (one training run) share its learning time.", "",
+              *([f"The whole run took {run['wall_seconds'] / 60:.1f} min in {run['workers']} processes of "
+                 f"{run['threads_each']} thread(s).", ""] if run else []),
               markdown_table(["method", "learning (s)", "evaluation (s)"],
                              [[m, r["learn_seconds"], r["eval_seconds"]] for m, r in results["methods"].items()]),
               "", "### Method settings (TaskConfig overrides)", "",

@@ -132,7 +132,25 @@ def test_tuning_picks_the_weight_with_the_best_average_ia_on_the_tuning_sequence
     text = (tmp_path / "results.md").read_text()
     assert "ewc_lambda=0.1" in text and "ewc_lambda=10" in text and "yes" in text
     with pytest.raises(ValueError, match="no weight to tune|has a weight"):
-        run_tuning(tmp_path / "none", ["cidm"])
+        run_tuning(tmp_path / "none", ["lora-m"])
+
+
+def test_tuning_tries_each_methods_own_grid_and_text_settings(tmp_path, monkeypatch):
+    from cidm import bench
+
+    tried = []
+
+    def fake_sequence(out, methods, spec, order, protocol, evaluator, base_model=None, overrides=None, label=None):
+        tried.append((label, overrides))
+        score = {n: {t: 10.0 * overrides.get("gamma1", 0.5) for t in range(1, len(order) + 1)} for n in order}
+        return {methods[0]: {"ia": score, "ta": score}}
+
+    monkeypatch.setattr(bench, "run_sequence", fake_sequence)
+    report = bench.run_tuning(tmp_path, ["cidm"], extra={"cidm": [{"r1_reduction": "mean"}]})
+    assert [o for _, o in tried] == [{"gamma1": 0.001}, {"gamma1": 0.01}, {"gamma1": 0.1}, {"r1_reduction": "mean"}]
+    assert tried[-1][0] == "cidm_r1_reduction=mean"
+    assert report["chosen"] == {"cidm": {"gamma1": 0.1}}  # the extra trial is reported, never chosen
+    assert "r1_reduction=mean" in (tmp_path / "results.md").read_text()
 
 
 def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
@@ -151,12 +169,21 @@ def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
     again = load_results(tmp_path / "results.json")  # what the app's method comparison reads back
     assert results_markdown(again, again["protocol"]["tasks"]) == text
 
+    # the same run in two processes, one training group each: the same numbers, merged in the methods' order
+    parallel = run_methods_bench(tmp_path / "parallel", ["cidm", "lora-m"], tasks=2, steps=3, prompts=1, images=1,
+                                 gen_steps=5, workers=2)
+    assert list(parallel["methods"]) == ["cidm", "lora-m"] and parallel["run"]["workers"] == 2
+    for m, r in results["methods"].items():
+        for metric in ("ia", "ta"):
+            for n, row in r[metric].items():
+                assert parallel["methods"][m][metric][n] == pytest.approx(row, abs=1e-4), (m, metric, n)
+    assert "processes" in (tmp_path / "parallel" / "results.md").read_text()
+
     import app
 
     tables, figure = app.methods_view(str(tmp_path / "results.json"))
     assert tables == text and figure is not None
     import gradio as gr
-    import pytest
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"not": "results"}')
