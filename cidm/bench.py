@@ -496,6 +496,12 @@ def results_markdown(results: dict, order: list[str]) -> str:
         rows.append([m, *drops, sum(drops) / len(drops)])
     lines += ["### Forgetting: IA right after learning minus IA after the last task", "",
               markdown_table(["method", *cols, "mean"], rows), ""]
+    rows = []
+    for m, r in results["methods"].items():
+        fresh = [r["ia"][n][i + 1] for i, n in enumerate(order)]
+        rows.append([m, *fresh, sum(fresh) / len(fresh)])
+    lines += ["### Plasticity: IA right after learning (the diagonal of each heatmap)", "",
+              markdown_table(["method", *cols, "Avg"], rows), ""]
     run = results.get("run")
     lines += ["### Wall time", "", "Methods that learn identically (one training run) share its learning time.", "",
               *([f"The whole run took {run['wall_seconds'] / 60:.1f} min in {run['workers']} processes of "

@@ -173,9 +173,9 @@ def cmd_bench(args) -> int:
                    steps=args.steps, prompts=args.prompts, images=args.images, seed=args.seed, extra=extra)
         return 0
     if not args.core:
-        from .methods import METHODS
+        from .methods import compared_methods
 
-        methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
+        methods = [m.strip() for m in (args.methods or ",".join(compared_methods())).split(",") if m.strip()]
         run_methods_bench(Path(args.out), methods, base_model=args.base,
                           concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks, steps=args.steps,
                           prompts=args.prompts, images=args.images, seed=args.seed, precision=args.precision,
@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=10, help="evaluation prompts per concept")
     p.add_argument("--seeds", type=int, default=2, help="--core: images per prompt")
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
-    p.add_argument("--methods", help="comma-separated method ids (default: all; see cidm/methods.py)")
+    p.add_argument("--methods", help="comma-separated method ids (default: all but the diagnostic cidm-tokens-only; "
+                   "see cidm/methods.py)")
     p.add_argument("--quick", action="store_true", help="3 tasks, 20 steps, 2 prompts, cidm and lora-m")
     p.add_argument("--workers", type=int, default=1,
                    help="methods bench: run the training groups in this many processes at once (2 on 2 cores)")

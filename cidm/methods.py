@@ -27,6 +27,7 @@ class Method:
     psi: str = "paper"
     icgen: bool = False  # LFS: keep a vision context per concept and condition its later generation on it
     weight: str | None = None  # the TaskConfig weight chosen on the tuning sequence (`cidm bench --tune`)
+    diagnostic: bool = False  # not a method of the comparison: run only when named (`--methods`)
     grid: tuple[float, ...] = (0.1, 1.0, 10.0)  # the values of `weight` tried there
 
 
@@ -45,7 +46,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("cidm-no-ewa", "CIDM with LoRAs merged at equal weights instead of EWA", CIDM, merge="mean"),
     Method("cidm-code-psi", "CIDM with the official code's EWA weighting 0.8·m⁴/Σm⁴", CIDM, psi="code"),
     Method("cidm-tokens-only", "diagnostic: CIDM's layer-wise tokens with every LoRA off (what tokens alone carry)",
-           CIDM, merge="none"),
+           CIDM, merge="none", diagnostic=True),
     Method("lora-m", "LoRA Merge: per-task LoRAs, merged with equal weights", NO_REG, merge="mean"),
     Method("lora-c", "LoRA Composite: per-task LoRAs, noise predictions averaged over LoRAs", NO_REG,
            merge="composite"),
@@ -63,6 +64,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            {**NO_REG, "init_from_previous": True, "lfs_lambda": 1.0}, merge="last", icgen=True,
            weight="lfs_lambda"),
 ]}
+
+
+def compared_methods() -> list[str]:
+    """The methods of the comparison (`cidm bench` without --methods): all but the diagnostics."""
+    return [name for name, method in METHODS.items() if not method.diagnostic]
 
 
 def get_method(name: str) -> Method:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 import zlib
@@ -170,7 +171,7 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
     use_r2 = config.use_r2 and shared is not None and bool(shared.tasks)
     if use_r2:
         shared.add_task(config.name)
-        shared_optimizer = torch.optim.Adam(shared.parameters(), lr=config.r2_lr)
+        shared_optimizer = torch.optim.Adam(shared.parameters(), lr=config.r2_lr, foreach=True)  # many small tensors
     augment = Augment(hflip=config.hflip)
     images = images.to(device, vae.dtype)
     terms, step, t0, cancelled = {}, 0, time.time(), False
@@ -297,7 +298,7 @@ def learn_task(pipe, tokens, config: TaskConfig, images: torch.Tensor, out_dir: 
 
 def optimizer_class(use_8bit_adam: bool):
     if not use_8bit_adam:
-        return torch.optim.AdamW
+        return functools.partial(torch.optim.AdamW, foreach=True)  # one kernel per step, not one per tensor (CPU)
     try:
         import bitsandbytes as bnb
     except ImportError as err:

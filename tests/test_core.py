@@ -166,11 +166,32 @@ def test_r2_factored_form_equals_the_dense_formula():
     second = lora(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), 0.5)
     shared = TaskSharedKnowledge(rank=3)
     shared.initialise("a", first, generator=g)
-    assert shared.task_shared_loss("a", first).item() == pytest.approx(0.0, abs=1e-6)  # H_1 W_* = ΔW_1
+    scale = (first.delta("m") ** 2).sum().item()
+    assert shared.task_shared_loss("a", first).item() == pytest.approx(0.0, abs=1e-6 * scale)  # H_1 W_* = ΔW_1
     shared.add_task("b")
     with torch.no_grad():
         shared.P["b"]["m"].normal_(generator=g)
     dense = ((second.delta("m") - shared.dense_h_w("b", "m")) ** 2).sum()
+    assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+def test_r2_batched_over_modules_of_several_shapes_equals_the_dense_sum():
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q1": (6, 5), "q2": (6, 5), "k1": (6, 9), "o1": (4, 6)}
+
+    def task():
+        return LoRAWeights({m: torch.randn(a, 2, generator=g) for m, (a, b) in shapes.items()},
+                           {m: torch.randn(2, b, generator=g) for m, (a, b) in shapes.items()}, 0.5)
+
+    first, second = task(), task()
+    shared = TaskSharedKnowledge(rank=3)
+    shared.initialise("a", first, generator=g)
+    shared.add_task("b")
+    with torch.no_grad():
+        for p in shared.P["b"].values():
+            p.normal_(generator=g)
+    assert sorted(map(sorted, shared.shape_groups())) == [["k1"], ["o1"], ["q1", "q2"]]
+    dense = sum(((second.delta(m) - shared.dense_h_w("b", m)) ** 2).sum() for m in shapes)
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
 
 

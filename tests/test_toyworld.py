@@ -91,6 +91,9 @@ def test_methods_that_learn_alike_share_one_training_run(tmp_path):
                               "cidm-tokens-only", "cidm-no-r1"])
     assert groups == [["cidm", "cidm-no-ewa", "cidm-code-psi", "cidm-tokens-only"], ["lora-m", "lora-c"],
                       ["finetune"], ["cidm-no-r1"]]
+    from cidm.methods import METHODS, compared_methods
+
+    assert set(METHODS) - set(compared_methods()) == {"cidm-tokens-only"}  # the diagnostic runs only when named
     results = run_methods_bench(tmp_path, ["lora-m", "lora-c"], tasks=2, steps=3, prompts=1, images=1, gen_steps=3)
     assert (tmp_path / "lora-m" / "library" / "library.json").is_file() and not (tmp_path / "lora-c").exists()
     m, c = results["methods"]["lora-m"], results["methods"]["lora-c"]
@@ -164,6 +167,10 @@ def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
         assert len(values) == 2 * 3 and all(-100.0 <= v <= 250.0 and v == v for v in values)
     text = (tmp_path / "results.md").read_text()
     assert "| cidm |" in text and "Avg" in text and "Forgetting" in text
+    fresh = [float(v) for v in text.split("### Plasticity")[1].split("| cidm |")[1].split("\n")[0].split("|")[:-1]]
+    ia = results["methods"]["cidm"]["ia"]
+    assert fresh == pytest.approx([round(ia["medic"][1], 1), round(ia["bolt"][2], 1),
+                                   round((ia["medic"][1] + ia["bolt"][2]) / 2, 1)], abs=0.051)
     from cidm.bench import load_results, results_markdown
 
     again = load_results(tmp_path / "results.json")  # what the app's method comparison reads back
