@@ -62,13 +62,17 @@ def ia_lines(curves: dict[str, list[float] | dict[int, float]], title: str = "av
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, values in curves.items():
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 lines
+    markers = "osD^v<>"
+    for i, (label, values) in enumerate(curves.items()):
         points = values if isinstance(values, dict) else dict(enumerate(values, start=1))
-        ax.plot(list(points), list(points.values()), marker="o", label=label)
+        ax.plot(list(points), list(points.values()), marker=markers[i % len(markers)], markersize=4,
+                color=colours[(2 * i) % 20 if len(curves) <= 10 else i % 20], label=label,
+                linewidth=2.5 if label == "cidm" else 1.2)
     ax.set_xlabel("after task")
     ax.set_ylabel("IA")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
