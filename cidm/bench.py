@@ -395,12 +395,13 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
     trials = []
     for m in methods:
         weight = get_method(m).weight
-        trials += [(m, {weight: v}) for v in ((grid or get_method(m).grid) if weight else [])] + [(m, o) for o in (extra or {}).get(m, [])]
+        values = (grid or get_method(m).grid) if weight else []
+        trials += [(m, {weight: v}) for v in values] + [(m, o) for o in (extra or {}).get(m, [])]
     if not trials:
         raise ValueError(f"none of {', '.join(methods)} has a weight to tune or an extra setting to try")
     rows, evaluator = [], None
     for m, settings in trials:
-        label = m + "".join(f"_{k}={v}" for k, v in format_settings(settings).items())
+        label = f"{m}_{format_settings(settings, '_')}"
         run = run_sequence(out, [m], spec, order, protocol, evaluator, base_model, overrides=settings,
                            label=label)[m]
         last = len(order)
@@ -418,9 +419,8 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
     report = {"protocol": protocol, "chosen": chosen, "trials": rows}
     (out / "tuning.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(["method", "setting", "avg IA", "avg TA", "mean forgetting", "chosen"],
-                           [[r["method"], ", ".join(f"{k}={v}" for k, v in format_settings(r["settings"]).items()), r["ia"], r["ta"],
-                             r["forgetting"], "yes" if chosen.get(r["method"]) == r["settings"] else ""]
-                            for r in rows])
+                           [[r["method"], format_settings(r["settings"]), r["ia"], r["ta"], r["forgetting"],
+                             "yes" if chosen.get(r["method"]) == r["settings"] else ""] for r in rows])
     text = (f"Tuning sequence: {', '.join(order)} (no concept of the reported sequence). Protocol: "
             f"{json.dumps(protocol)}\n\nAverage IA and TA after the last tuning task; forgetting is IA right after "
             f"learning minus IA after the last task.\n\n{table}\n")
@@ -429,8 +429,9 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
     return report
 
 
-def format_settings(settings: dict) -> dict[str, str]:
-    return {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
+def format_settings(settings: dict, sep: str = ", ") -> str:
+    """`key=value` pairs for labels and tables: numbers in their shortest form (1e-3, 10), other values as given."""
+    return sep.join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
 
 
 def merge_results(folders: list[Path], out: Path, run: dict | None = None) -> dict:

@@ -43,11 +43,6 @@ def orthogonal_subspace_loss(current: LoRAWeights, past: list[LoRAWeights], redu
     return total.sum() if reduction == "sum" else total.mean()
 
 
-def trace(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """tr(X·Y) over the last two dimensions, without forming the product."""
-    return (X * Y.transpose(-2, -1)).sum((-2, -1))
-
-
 def _key(module: str) -> str:
     return re.sub(r"\W", "_", module)
 
@@ -106,30 +101,17 @@ class TaskSharedKnowledge(nn.Module):
 
     def task_shared_loss(self, name: str, lora: LoRAWeights) -> torch.Tensor:
         # Eq. 2, R2 = Σ_l ‖ΔW_i^l − H_i^l W_*^l‖²_F for task i = `name`, from factors only
-        """Modules of one shape are stacked and computed in one batched product each (the per-module loop was
-        dominated by small-op overhead: it doubled a CIDM task's time on CPU)."""
         total = 0.0
-        for group in self.shape_groups():
-            keys = [_key(m) for m in group]
-            A = torch.stack([lora.up[m].float() for m in group])  # (n, a, r)
-            B = torch.stack([lora.down[m].float() for m in group])  # (n, r, b)
-            U, V = torch.stack([self.U[k] for k in keys]), torch.stack([self.V[k] for k in keys])  # (n, a|b, k)
-            P, Q = torch.stack([self.P[name][k] for k in keys]), torch.stack([self.Q[name][k] for k in keys])
-            s, T = lora.scale, lambda X: X.transpose(-2, -1)
-            M = T(Q) @ U  # (n, k, k): H_i W_* = P M Vᵀ
-            delta_sq = s * s * trace(T(A) @ A, B @ T(B))  # ‖sAB‖²
-            cross = s * trace(T(A) @ P @ M, T(V) @ T(B))  # ⟨sAB, P M Vᵀ⟩
-            fit_sq = trace(T(M) @ (T(P) @ P) @ M, T(V) @ V)  # ‖P M Vᵀ‖²
-            total = total + (delta_sq - 2 * cross + fit_sq).sum()
-        return total
-
-    def shape_groups(self) -> list[list[str]]:
-        """The modules grouped by the shape of their ΔW (a × b)."""
-        groups: dict[tuple[int, int], list[str]] = {}
         for module in self.modules_:
             k = _key(module)
-            groups.setdefault((self.U[k].shape[0], self.V[k].shape[0]), []).append(module)
-        return list(groups.values())
+            A, B, s = lora.up[module].float(), lora.down[module].float(), lora.scale  # (a, r), (r, b)
+            U, V, P, Q = self.U[k], self.V[k], self.P[name][k], self.Q[name][k]
+            M = Q.T @ U  # (k, k): H_i W_* = P M Vᵀ
+            delta_sq = s * s * torch.trace((A.T @ A) @ (B @ B.T))  # ‖sAB‖²
+            cross = s * torch.trace((A.T @ P) @ M @ (V.T @ B.T))  # ⟨sAB, P M Vᵀ⟩
+            fit_sq = torch.trace(M.T @ (P.T @ P) @ M @ (V.T @ V))  # ‖P M Vᵀ‖²
+            total = total + delta_sq - 2 * cross + fit_sq
+        return total
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors for safetensors: `U.<m>`, `V.<m>`, `P.<task>.<m>`, `Q.<task>.<m>`."""

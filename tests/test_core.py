@@ -175,7 +175,7 @@ def test_r2_factored_form_equals_the_dense_formula():
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
 
 
-def test_r2_batched_over_modules_of_several_shapes_equals_the_dense_sum():
+def test_r2_over_modules_of_several_shapes_equals_the_dense_sum():
     g = torch.Generator().manual_seed(0)
     shapes = {"q1": (6, 5), "q2": (6, 5), "k1": (6, 9), "o1": (4, 6)}
 
@@ -190,7 +190,6 @@ def test_r2_batched_over_modules_of_several_shapes_equals_the_dense_sum():
     with torch.no_grad():
         for p in shared.P["b"].values():
             p.normal_(generator=g)
-    assert sorted(map(sorted, shared.shape_groups())) == [["k1"], ["o1"], ["q1", "q2"]]
     dense = sum(((second.delta(m) - shared.dense_h_w("b", m)) ** 2).sum() for m in shapes)
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
 
