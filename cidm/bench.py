@@ -399,6 +399,15 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
         trials += [(m, {weight: v}) for v in values] + [(m, o) for o in (extra or {}).get(m, [])]
     if not trials:
         raise ValueError(f"none of {', '.join(methods)} has a weight to tune or an extra setting to try")
+    import dataclasses
+
+    from .train import TaskConfig
+
+    known = {f.name for f in dataclasses.fields(TaskConfig)} - {"name", "class_word", "kind"}
+    unknown = sorted({k for _, settings in trials for k in settings} - known)
+    if unknown:  # before any training, not after the first trials
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; a trial sets fields of TaskConfig "
+                         f"(cidm/train.py), e.g. {', '.join(sorted(known)[:6])}")
     rows, evaluator = [], None
     for m, settings in trials:
         label = f"{m}_{format_settings(settings, '_')}"

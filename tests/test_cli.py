@@ -38,6 +38,10 @@ def test_bench_tune_rejects_a_malformed_setting_to_try(tmp_path):
     out = run("bench", "--tune", "--out", str(tmp_path / "t"), "--also-try", "cidm:lr_lora")
     assert out.returncode == 2
     assert "--also-try takes METHOD:SETTING=VALUE" in out.stderr and "Traceback" not in out.stderr
+    out = run("bench", "--tune", "--out", str(tmp_path / "u"), "--methods", "lora-m", "--also-try",
+              "lora-m:not_a_setting=1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "unknown setting(s) not_a_setting" in out.stderr and not (tmp_path / "u" / "lora-m_not_a_setting=1").exists()
 
 
 def test_learn_generate_and_compose_from_the_command_line(tiny_model_dir, tmp_path):
