@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from .models import load_evaluator
+
 
 class Evaluator:
     """A CLIP model with its own preprocessing (the toy evaluator's 64 px or OpenAI ViT-B/32's 224 px)."""
 
     def __init__(self, source: str, device: str = "cpu"):
         from transformers import CLIPImageProcessor
-
-        from .models import load_evaluator
 
         self.clip, self.tokenizer = load_evaluator(source, device)
         self.processor = CLIPImageProcessor.from_pretrained(source)

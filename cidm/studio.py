@@ -1,40 +1,37 @@
 """A working session: one base model, one concept library, every concept's tokens and LoRA ready for generation.
 
-The CLI and the app call this; it calls the pieces (`train.learn_task`, `generate.generate`, `library.Library`).
+The CLI and the app call this; it orchestrates the pieces (`train.learn_task`, the library's method from
+`cidm.methods`, `generate`, `regions`, `library.Library`, which owns every file) and holds no file format.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import images as images_lib
 from . import lora as lora_lib
+from .attention import install_processors
 from .generate import GenerateConfig, generate
 from .library import Library, LibraryError
-from .losses import TaskSharedKnowledge
 from .methods import get_method
-from .models import load_base
+from .metrics import Evaluator, image_alignment, text_alignment
+from .models import BaseModelError, load_base
+from .regions import Region, compose, edit
+from .templates import check_kind, probe_prompt
 from .tokens import ConceptTokens
 from .train import TaskConfig, TaskResult, data_parallel, learn_task
 
-TOKENS_FILE = "tokens.safetensors"
-FISHER_FILE = "ewc_fisher.safetensors"  # EWC: cumulative diagonal Fisher up to this task
-CONTEXT_FILE = "context.png"  # LFS in-context generation: the concept's vision context, sampled after its task
 METHOD = "cidm"
+TASK_FIELDS = {f.name for f in dataclasses.fields(TaskConfig)} - {"name", "class_word", "kind"}
 
 
 class Studio:
     """Base model + concept library, loaded and kept consistent."""
 
-    def __init__(self, library: str | Path, base_model: str | None = None, device: str | None = None,
+    def __init__(self, library, base_model: str | None = None, device: str | None = None,
                  dtype: torch.dtype | None = None, pipe=None, info=None, method: str | None = None):
         if pipe is None:
             pipe, info = load_base(base_model, device, dtype)
@@ -48,23 +45,13 @@ class Studio:
         self.library.check_base(info.source, info.num_cross_attn_layers)
         self.tokens = ConceptTokens(pipe, info.num_cross_attn_layers)
         self.loras: dict[str, lora_lib.LoRAWeights] = {}
-        self.contexts: dict = {}  # LFS vision contexts by concept (methods with `icgen`)
-        self.shared: TaskSharedKnowledge | None = None
         self._load_library()
-
-    # ------------------------------------------------------------------------------------------------------------
-    # loading
 
     def _load_library(self) -> None:
         for name in self.library.names:
-            folder = self.library.concept_dir(name)
-            self.tokens.add(name, load_tokens(folder))
-            self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
-            if (folder / CONTEXT_FILE).exists():
-                self.contexts[name] = images_lib.load_image(folder / CONTEXT_FILE)
-        shared_file = self.library.task_shared_file
-        if shared_file is not None and shared_file.exists():
-            self.shared = load_shared(shared_file)
+            self.tokens.add(name, self.library.read_tokens(name))
+            self.loras[name] = self.library.read_lora(name, device=self.pipe.device)
+        self.method.load(self.library)
 
     @property
     def names(self) -> list[str]:
@@ -76,90 +63,92 @@ class Studio:
     def learn(self, name: str, sources, class_word: str, kind: str = "object", captions: list[str] | None = None,
               replace: bool = False, progress: Callable[[int, dict], None] | None = None,
               cancel: Callable[[], bool] | None = None, **settings) -> TaskResult:
-        """Learn a new concept from images (paths, PIL images, arrays…) and add it to the library atomically."""
+        """Learn a new concept from images (paths, PIL images, arrays…) and add it to the library atomically.
+
+        `settings`: TaskConfig fields, or parameters of the library's method (e.g. CIDM's gamma1) for this task."""
         self.library.check_new(name, replace)
-        if kind not in ("object", "style"):
-            raise ValueError(f"kind must be 'object' or 'style', got {kind!r}")
+        check_kind(kind)
         if not class_word or not class_word.strip():
             raise ValueError("the class word is empty; give the kind of thing it is, e.g. 'dog', 'mug' or 'style'")
+        task_settings = {k: v for k, v in settings.items() if k in TASK_FIELDS}
         config = TaskConfig(name=name, class_word=class_word.strip(), kind=kind,
-                            **{**self.info.task_defaults, **self.method.train, **settings})
-        pixels = images_lib.prepare_training_images(sources, self.info.resolution)
-        if replace and name in self.loras:
-            self._forget(name)
-        past = dict(self.loras)
-        shared = self.shared
-        if shared is not None and config.r2_rank != shared.rank:
-            config = dataclasses.replace(config, r2_rank=shared.rank)
-        fisher = None  # EWC: the cumulative Fisher stored with the latest concept
-        if config.ewc_lambda > 0 and self.names:
-            fisher = load_fisher(self.library.concept_dir(self.names[-1]))
-        if data_parallel()[0] > 0:  # a helper process of `accelerate launch`: trains in step, writes nothing
-            with tempfile.TemporaryDirectory() as tmp:
-                result = learn_task(self.pipe, self.tokens, config, pixels, Path(tmp), past=past, shared=shared,
-                                    captions=captions, fisher=fisher)
-            self._forget(name)  # back to the library as it was; the main process writes the new concept
-            return result
-        with self.library.staging() as stage:
-            folder = stage / name
-            folder.mkdir()
-            try:
-                result = learn_task(self.pipe, self.tokens, config, pixels, folder, past=past, shared=shared,
-                                    captions=captions, progress=progress, cancel=cancel, fisher=fisher)
-            except BaseException:
-                self._reload()
-                raise
-            if result.cancelled:
-                self._reload()
+                            **{**self.info.task_defaults, **self.method.task_settings, **task_settings})
+        with self.method.overridden(**{k: v for k, v in settings.items() if k not in TASK_FIELDS}):
+            pixels = images_lib.prepare_training_images(sources, self.info.resolution)
+            if replace and name in self.loras:
+                self._forget(name)
+            kinds = {n: self.library.record(n)["kind"] for n in self.names}
+            if data_parallel()[0] > 0:  # a helper process of `accelerate launch`: trains in step, writes nothing
+                result = learn_task(self.pipe, self.tokens, config, self.method, pixels, dict(self.loras), kinds,
+                                    captions)
+                self._forget(name)  # back to the library as it was; the main process writes the new concept
                 return result
-            save_tokens(folder, result.token_rows, config)
-            if result.fisher is not None:
-                save_file({k: v.contiguous() for k, v in result.fisher.items()}, str(folder / FISHER_FILE))
-            save_images(folder, pixels)
-            self.loras[name] = lora_lib.load_lora(folder, device=self.pipe.device)
-            if self.method.icgen:  # LFS: the vision context, sampled from the model right after this task
-                self.generate(self.probe_prompt(name, kind), seed=config.seed)[0].save(folder / CONTEXT_FILE)
-                self.contexts[name] = images_lib.load_image(folder / CONTEXT_FILE)
-            if self.shared is None:  # after the first task, W_* and H_1 from its ΔW
-                self.shared = TaskSharedKnowledge(config.r2_rank)
-                self.shared.initialise(name, self.loras[name])
-            shared_file = stage / "task_shared.safetensors"
-            save_shared(self.shared, shared_file)
-            write_card(folder, config, self.info.source)
-            record = {"class_word": config.class_word, "kind": kind, "task": len(self.library) + 1,
-                      "tokens": self.tokens.slots[name], "training": dataclasses.asdict(config),
-                      "seconds": round(result.seconds, 1), "final_terms": result.final_terms,
-                      "n_images": len(pixels)}
-            base = {"source": self.info.source, "n_layers": self.info.num_cross_attn_layers,
-                    "pipeline_class": self.info.pipeline_class}
-            try:
-                self.library.commit_concept(name, folder, record, base, self.method.name,
-                                            {"merge": self.method.merge, "psi": self.method.psi,
-                                             "gamma1": config.gamma1, "gamma2": config.gamma2},
-                                            shared_file, replace=replace)
-            except BaseException:
-                self._reload()
-                raise
+            with self.library.staging() as stage:
+                try:
+                    result = learn_task(self.pipe, self.tokens, config, self.method, pixels, dict(self.loras),
+                                        kinds, captions, progress=progress, cancel=cancel)
+                    if result.cancelled:
+                        self._reload()
+                        return result
+                    self._add(stage, config, result, pixels, replace)
+                except BaseException:
+                    self._reload()
+                    raise
         if self.record_forgetting:
             self.regenerate_all()
         return result
+
+    def _add(self, stage, config: TaskConfig, result: TaskResult, pixels: torch.Tensor, replace: bool) -> None:
+        """The learned concept joins the session, then the library: staged, and published in one step."""
+        name = config.name
+        self.loras[name] = result.lora
+        method_files = self.method.concept_files(self, config)  # e.g. LFS's vision context, sampled now
+        folder = self.library.stage_concept(
+            stage, name, result.token_rows,
+            {"name": name, "n_slots": str(config.n_slots), "class_word": config.class_word}, result.lora,
+            result.lora_config, pixels, {"name": name, "class_word": config.class_word, "kind": config.kind,
+                                         "base_model": self.info.source}, method_files)
+        record = {"class_word": config.class_word, "kind": config.kind, "task": len(self.library) + 1,
+                  "tokens": self.tokens.slots[name], "training": {**dataclasses.asdict(config),
+                                                                  **self.method.parameters()},
+                  "seconds": round(result.seconds, 1), "final_terms": result.final_terms, "n_images": len(pixels)}
+        base = {"source": self.info.source, "n_layers": self.info.num_cross_attn_layers,
+                "pipeline_class": self.info.pipeline_class}
+        self.library.commit_concept(name, folder, record, base, self.method.name, self.method.settings(),
+                                    self.method.library_state(), replace=replace)
+
+    def _forget(self, name: str) -> None:
+        self.tokens.remove(name)
+        self.loras.pop(name, None)
+        self.method.forget(name)
+
+    def _reload(self) -> None:
+        """Back to exactly what the library on disk holds (after a cancelled or failed task), with the UNet at θ0."""
+        lora_lib.remove_lora(self.pipe.unet)
+        install_processors(self.pipe.unet)
+        for name in list(self.tokens.names):
+            self.tokens.remove(name)
+        self.loras.clear()
+        self.library = Library(self.library.root)
+        self._load_library()
+
+    def delete(self, name: str) -> None:
+        self.library.record(name)
+        self._forget(name)
+        self.library.delete(name, state=self.method.library_state())
 
     # ------------------------------------------------------------------------------------------------------------
     # forgetting, shown
 
     record_forgetting = True  # after each task, re-generate every concept (fixed prompt and seed) and score it
 
-    def probe_prompt(self, name: str, kind: str | None = None) -> str:
+    def probe_prompt(self, name: str) -> str:
         """The fixed prompt a concept is re-generated with after each task."""
-        kind = kind or self.library.record(name)["kind"]
-        return f"a photo of a <{name}>" if kind == "object" else f"a picture in <{name}> style"  # training templates
+        return probe_prompt(name, self.library.record(name)["kind"])
 
     def evaluator(self):
         """The IA evaluator for this base, or None where it cannot be loaded (e.g. offline without a local one)."""
         if not hasattr(self, "_evaluator"):
-            from .metrics import Evaluator
-            from .models import BaseModelError
-
             try:
                 self._evaluator = Evaluator(self.info.evaluator, str(self.pipe.device))
             except (BaseModelError, OSError):
@@ -167,145 +156,44 @@ class Studio:
         return self._evaluator
 
     def regenerate_all(self, seeds: tuple[int, ...] = (0, 1), steps: int = 25) -> dict:
-        """Images of every learned concept after the latest task, stored under `forgetting/after-<t>/`, with IA."""
-        from PIL import Image
-
-        from .metrics import image_alignment, text_alignment
-
-        t = len(self.library)
-        folder = self.library.root / "forgetting" / f"after-{t:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        """Images of every learned concept after the latest task, stored by the library with their IA and TA."""
         evaluator = self.evaluator()
-        scores, text_scores = {}, {}
+        images, scores, text_scores = {}, {}, {}
         for name in self.names:
-            images = [self.generate(self.probe_prompt(name), seed=s, steps=steps)[0] for s in seeds]
-            for s, im in zip(seeds, images):
-                im.save(folder / f"{name}-{s}.png")
+            images[name] = {s: self.generate(self.probe_prompt(name), seed=s, steps=steps)[0] for s in seeds}
             if evaluator is not None:
-                refs = [Image.open(p).convert("RGB") for p in
-                        sorted((self.library.concept_dir(name) / "images").glob("*.png"))]
-                scores[name] = round(image_alignment(evaluator, images, refs), 2)
+                generated = list(images[name].values())
+                scores[name] = round(image_alignment(evaluator, generated, self.library.reference_images(name)), 2)
                 text = self.probe_prompt(name).replace(f"<{name}>", self.library.record(name)["class_word"])
-                text_scores[name] = round(text_alignment(evaluator, images, [text] * len(images)), 2)
-        (folder / "scores.json").write_text(json.dumps({"after_task": t, "ia": scores, "ta": text_scores}, indent=1))
+                text_scores[name] = round(text_alignment(evaluator, generated, [text] * len(generated)), 2)
+        self.library.write_forgetting(len(self.library), images, {"ia": scores, "ta": text_scores})
         return scores
 
     def forgetting(self, metric: str = "ia") -> dict:
         """{after_task: {concept: score}} from what was stored as tasks were learned; metric "ia" or "ta"."""
-        out = {}
-        for f in sorted((self.library.root / "forgetting").glob("after-*/scores.json")):
-            data = json.loads(f.read_text())
-            out[data["after_task"]] = data.get(metric, {})
-        return out
-
-    def _forget(self, name: str) -> None:
-        self.tokens.remove(name)
-        self.loras.pop(name, None)
-        self.contexts.pop(name, None)
-        if self.shared is not None and name in self.shared.tasks:
-            self.shared.remove_task(name)
-
-    def _reload(self) -> None:
-        """Back to exactly what the library on disk holds (after a cancelled or failed task), with the UNet at θ0."""
-        from .attention import install_processors
-
-        lora_lib.remove_lora(self.pipe.unet)
-        install_processors(self.pipe.unet)
-        for name in list(self.tokens.names):
-            self.tokens.remove(name)
-        self.loras.clear()
-        self.contexts.clear()
-        self.shared = None
-        self.library = Library(self.library.root)
-        self._load_library()
-
-    def delete(self, name: str) -> None:
-        self.library.record(name)
-        self._forget(name)
-        shared_file = None
-        if self.shared is not None and self.shared.tasks:
-            shared_file = self.library.root / ".task_shared.tmp.safetensors"
-            save_shared(self.shared, shared_file)
-        else:
-            self.shared = None
-        self.library.delete(name, task_shared=shared_file)
+        return self.library.forgetting(metric)
 
     # ------------------------------------------------------------------------------------------------------------
     # generating
 
     def settings(self, **settings) -> GenerateConfig:
         """Generation settings: the library's method decides how the LoRAs merge, unless overridden."""
-        return GenerateConfig(**{"merge": self.method.merge, "psi": self.method.psi, **settings})
+        inference = self.method.prepare_inference()
+        return GenerateConfig(**{"merge": inference.merge, "psi": inference.psi, **settings})
 
     def generate(self, prompt: str | list[str], negative_prompt: str = "", callback=None, **settings):
         return generate(self.pipe, self.tokens, self.loras, prompt, negative_prompt, self.settings(**settings),
-                        callback=callback, contexts=self.contexts if self.method.icgen else None)
-
+                        callback=callback, contexts=self.method.prepare_inference().contexts)
 
     def compose(self, prompt: str, regions, negative_prompt: str = "", alpha: float = 0.1,
                 region_noise: str = "normalised", callback=None, **settings):
-        from .regions import Region, compose
-
         regions = [r if isinstance(r, Region) else Region(*r) for r in regions]
         return compose(self.pipe, self.tokens, self.loras, prompt, regions, negative_prompt,
                        self.settings(**settings), alpha=alpha, region_noise=region_noise, callback=callback)
 
-
     def edit(self, image, box, prompt: str, negative_prompt: str = "", strength: float = 0.8, **settings):
-        from .regions import edit
-
         return edit(self.pipe, self.tokens, self.loras, image, box, prompt, negative_prompt, strength,
                     self.settings(**settings))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# files
-
-
-def save_tokens(folder: Path, rows: torch.Tensor, config: TaskConfig) -> None:
-    save_file({"embeddings": rows.float().contiguous()}, str(folder / TOKENS_FILE),
-              metadata={"name": config.name, "n_slots": str(config.n_slots), "class_word": config.class_word})
-
-
-def load_tokens(folder: Path) -> torch.Tensor:
-    with safe_open(str(folder / TOKENS_FILE), "pt") as f:
-        return f.get_tensor("embeddings")
-
-
-def load_fisher(folder: Path) -> dict | None:
-    path = folder / FISHER_FILE
-    if not path.exists():
-        return None
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def save_shared(shared: TaskSharedKnowledge, path: Path) -> None:
-    meta = {"rank": str(shared.rank), "modules": json.dumps(shared.modules_), "tasks": json.dumps(shared.tasks)}
-    save_file({k: v.contiguous() for k, v in shared.to_tensors().items()}, str(path), metadata=meta)
-
-
-def load_shared(path: Path) -> TaskSharedKnowledge:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return TaskSharedKnowledge.from_tensors(tensors, json.loads(meta["modules"]), json.loads(meta["tasks"]),
-                                            int(meta["rank"]))
-
-
-def save_images(folder: Path, pixels: torch.Tensor) -> None:
-    from PIL import Image
-
-    (folder / "images").mkdir()
-    for i, p in enumerate(pixels):
-        array = ((p.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(array).save(folder / "images" / f"{i}.png")
-
-
-def write_card(folder: Path, config: TaskConfig, base_model: str) -> None:
-    from .hub import concept_card
-
-    concept_card(config.name, config.class_word, config.kind, base_model).save(folder / "README.md")
 
 
 __all__ = ["Studio", "LibraryError"]

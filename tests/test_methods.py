@@ -108,15 +108,15 @@ def test_a_library_keeps_its_method(base, tmp_path):
 
 
 def test_ewc_stores_a_cumulative_fisher_and_pulls_towards_the_previous_lora(base, tmp_path):
-    from cidm.studio import load_fisher
+    from cidm.methods.ewc import read_fisher
 
     studio = fresh(base, tmp_path / "ewc", "ewc")
     studio.record_forgetting = False
     learn(studio, "medic", steps=2)
-    first = load_fisher(studio.library.concept_dir("medic"))
+    first = read_fisher(studio.library, "medic")
     assert first and all((v >= 0).all() for v in first.values()) and any(v.sum() > 0 for v in first.values())
     learn(studio, "bolt", steps=2)
-    second = load_fisher(studio.library.concept_dir("bolt"))
+    second = read_fisher(studio.library, "bolt")
     assert all((second[k] >= first[k] - 1e-12).all() for k in first)  # cumulative
 
 
@@ -141,8 +141,8 @@ def test_lfs_distils_from_the_teacher_and_generates_from_each_concepts_vision_co
     assert all((lfs.library.concept_dir(n) / "context.png").exists() for n in ("medic", "bolt"))
     assert not (plain.library.concept_dir("medic") / "context.png").exists()
     # a prompt naming <medic> starts from medic's vision context: the less it is re-noised, the closer it stays
-    context = np.asarray(lfs.contexts["medic"], float)
+    context = np.asarray(lfs.method.contexts["medic"], float)
     near = np.asarray(lfs.generate("a photo of a <medic>", steps=10, seed=1, context_strength=0.1)[0], float)
     far = np.asarray(lfs.generate("a photo of a <medic>", steps=10, seed=1, context_strength=1.0)[0], float)
     assert np.abs(near - context).mean() < np.abs(far - context).mean()
-    assert set(Studio(lfs.library.root, pipe=lfs.pipe, info=base[1]).contexts) == {"medic", "bolt"}
+    assert set(Studio(lfs.library.root, pipe=lfs.pipe, info=base[1]).method.contexts) == {"medic", "bolt"}
