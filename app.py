@@ -19,7 +19,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from cidm import models
-from cidm.bench import EXAMPLES
+from cidm.bench.results import EXAMPLES, ia_curves, load_results, results_markdown
 from cidm.library import Library, LibraryError
 from cidm.studio import Studio
 
@@ -307,7 +307,6 @@ def build_forgetting_tab():
 
 def methods_view(results_file):
     """The benchmark's tables (IA, TA, forgetting, time) and the average-IA curve of every method."""
-    from cidm.bench import ia_curves, load_results, results_markdown
     from cidm.plots import ia_lines
 
     path = results_file if isinstance(results_file, str) else getattr(results_file, "name", None)

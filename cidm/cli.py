@@ -141,23 +141,24 @@ def parse_setting(value: str):
 
 
 def cmd_bench(args) -> int:
-    from .bench import EXAMPLES, run_compose_bench, run_core_bench, run_methods_bench
+    from .bench.results import EXAMPLES, merge_results
+    from .methods import METHODS, compared_methods
 
+    concepts = Path(args.concepts or EXAMPLES)
     if args.merge:
-        from .bench import merge_results
-
         merge_results([Path(f) for f in args.merge.split(",") if f], Path(args.out))
         print((Path(args.out) / "results.md").read_text())
         return 0
     if args.quick:
         args.methods, args.tasks, args.steps, args.prompts, args.images = "cidm,lora-m", 3, 20, 2, 1
     if args.compose:
+        from .bench.compose import run_compose_bench
+
         library = Path(args.library or Path(args.out) / "library")
         run_compose_bench(Path(args.out), library, base_model=args.base, layouts=args.layouts, seed=args.seed)
         return 0
     if args.tune:
-        from .bench import run_tuning
-        from .methods import METHODS
+        from .bench.tuning import run_tuning
 
         weighted = ",".join(m for m, method in METHODS.items() if method.weight)
         methods = [m.strip() for m in (args.methods or weighted).split(",") if m.strip()]
@@ -169,20 +170,21 @@ def cmd_bench(args) -> int:
                 raise ValueError(f"--also-try takes METHOD:SETTING=VALUE, e.g. cidm:lr_lora=1e-3; got {item!r}")
             extra.setdefault(method, []).append({key: parse_setting(value)})
             methods += [] if method in methods else [method]
-        run_tuning(Path(args.out), methods, base_model=args.base, concepts=Path(args.concepts or EXAMPLES),
-                   steps=args.steps, prompts=args.prompts, images=args.images, seed=args.seed, extra=extra)
+        run_tuning(Path(args.out), methods, base_model=args.base, concepts=concepts, steps=args.steps,
+                   prompts=args.prompts, images=args.images, seed=args.seed, extra=extra)
         return 0
     if not args.core:
-        from .methods import compared_methods
+        from .bench.methods import run_methods_bench
 
         methods = [m.strip() for m in (args.methods or ",".join(compared_methods())).split(",") if m.strip()]
-        run_methods_bench(Path(args.out), methods, base_model=args.base,
-                          concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks, steps=args.steps,
-                          prompts=args.prompts, images=args.images, seed=args.seed, precision=args.precision,
-                          workers=args.workers)
+        run_methods_bench(Path(args.out), methods, base_model=args.base, concepts=concepts, tasks=args.tasks,
+                          steps=args.steps, prompts=args.prompts, images=args.images, seed=args.seed,
+                          precision=args.precision, workers=args.workers)
         return 0
-    run_core_bench(Path(args.out), base_model=args.base, concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks,
-                   steps=args.steps, prompts=args.prompts, seeds=args.seeds, seed=args.seed)
+    from .bench.core import run_core_bench
+
+    run_core_bench(Path(args.out), base_model=args.base, concepts=concepts, tasks=args.tasks, steps=args.steps,
+                   prompts=args.prompts, seeds=args.seeds, seed=args.seed)
     return 0
 
 
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="--core: images per prompt")
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
     p.add_argument("--methods", help="comma-separated method ids (default: all but the diagnostic cidm-tokens-only; "
-                   "see cidm/methods.py)")
+                   "see cidm/methods/)")
     p.add_argument("--quick", action="store_true", help="3 tasks, 20 steps, 2 prompts, cidm and lora-m")
     p.add_argument("--workers", type=int, default=1,
                    help="methods bench: run the training groups in this many processes at once (2 on 2 cores)")
