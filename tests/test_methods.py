@@ -146,3 +146,21 @@ def test_lfs_distils_from_the_teacher_and_generates_from_each_concepts_vision_co
     far = np.asarray(lfs.generate("a photo of a <medic>", steps=10, seed=1, context_strength=1.0)[0], float)
     assert np.abs(near - context).mean() < np.abs(far - context).mean()
     assert set(Studio(lfs.library.root, pipe=lfs.pipe, info=base[1]).method.contexts) == {"medic", "bolt"}
+
+
+@pytest.mark.parametrize("method", ["lwf", "lfs"])
+def test_teachers_prompt_an_earlier_style_with_a_style_template(base, tmp_path, method):
+    studio = fresh(base, tmp_path / method, method)
+    studio.record_forgetting = False
+    learn(studio, "pixelart", steps=1)  # a style concept first
+    prompts, encode = [], studio.tokens.encode
+
+    def recording(batch):
+        prompts.extend(batch)
+        return encode(batch)
+
+    studio.tokens.encode = recording
+    settings = {"lfs_refresh": 1, "lfs_trajectory_steps": 2} if method == "lfs" else {}
+    learn(studio, "medic", steps=2, **settings)  # the teacher's second trajectory is the earlier concept's
+    assert "a picture in <pixelart> style" in prompts
+    assert not any("a photo of a <pixelart>" in p for p in prompts)

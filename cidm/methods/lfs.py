@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 
 from ..losses import diffusion_loss
 from ..sampling import classifier_free_guidance, denoise, predict_noise
-from ..templates import OBJECT_TEMPLATES, class_prompt, probe_prompt
+from ..templates import class_prompt, probe_prompt
 from .base import Inference
 from .lora_merge import Finetune
 from .lwf import previous_model
@@ -66,7 +66,7 @@ class LFS(Finetune):
         if (task.step - 1) % refresh == 0:  # alternate the relevant (class) and a previous concept
             old = list(task.past)[int(torch.randint(0, len(task.past), (1,), generator=g))]
             prompt = class_prompt(task.config.class_word, task.config.kind) if (task.step - 1) // refresh % 2 == 0 \
-                else OBJECT_TEMPLATES[0].format(f"<{old}>")
+                else probe_prompt(old, task.kinds[old])
             self.trajectory = self.teacher_trajectory(task, prompt, batch.latents.shape)
         k = int(torch.randint(0, len(self.trajectory["t"]), (1,), generator=g))
         z, t, text = self.trajectory["z"][k], self.trajectory["t"][k], self.trajectory["text"]

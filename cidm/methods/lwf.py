@@ -1,5 +1,6 @@
 """LwF (Li & Hoiem 2017) for diffusion: one LoRA carried across tasks; at each step the current model matches the
-previous task's model (the teacher) on an earlier concept's prompt, at the batch's noisy latents."""
+previous task's model (the teacher) on an earlier concept's prompt (its kind's first template), at the batch's noisy
+latents."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..ewa import merged
 from ..losses import diffusion_loss
 from ..lora import LoRAWeights
 from ..sampling import predict_noise
-from ..templates import OBJECT_TEMPLATES
+from ..templates import probe_prompt
 from .lora_merge import Finetune
 
 
@@ -28,7 +29,7 @@ class LwF(Finetune):
             return {}
         unet = task.pipe.unet
         old = list(task.past)[int(torch.randint(0, len(task.past), (1,), generator=task.generator))]
-        old_text = task.tokens.encode([OBJECT_TEMPLATES[0].format(f"<{old}>")] * task.config.batch_size)
+        old_text = task.tokens.encode([probe_prompt(old, task.kinds[old])] * task.config.batch_size)
         old_text = old_text.to(unet.dtype)
         with torch.no_grad(), previous_model(unet, task.layers, list(task.past.values())[-1]):
             teacher = predict_noise(unet, batch.noisy, batch.t, old_text)
