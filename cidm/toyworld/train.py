@@ -42,7 +42,7 @@ class ToyTrainConfig:
     # evaluator (CLIP), whose text tower also starts the diffusion model's text encoder (as in SD)
     clip_steps: int = 4000
     clip_batch: int = 128
-    clip_lr: float = 1e-3
+    clip_lr: float = 5e-4
     clip_hard_share: float = 0.75  # share of each batch in groups of 4 that differ in one attribute (hard negatives)
     # latent cache
     n_latents: int = 60_000
@@ -139,7 +139,25 @@ def make_clip(tokenizer, patch_size: int = 8, hidden: int = 192):
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     vision = dict(image_size=64, patch_size=patch_size, num_channels=3, hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=4, num_attention_heads=4)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=128))
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=128))
+    init_position_embeddings(clip.vision_model.embeddings)
+    return clip
+
+
+def init_position_embeddings(embeddings) -> None:
+    """2-D sine-cosine position embeddings (as MAE's), still trainable: with random ones a ViT trained from scratch
+    must first discover the patch grid's layout, and the shape of a glyph stayed at chance for a thousand steps."""
+    side = embeddings.image_size // embeddings.patch_size
+    dim = embeddings.embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(dim, dtype=torch.float32) / dim)
+    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                          indexing="ij")
+    angles = [c.reshape(-1, 1) * omega for c in (y, x)]  # (side², dim) each
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)  # (side², 4·dim)
+    with torch.no_grad():
+        weight = embeddings.position_embedding.weight
+        weight.zero_()
+        weight[1:, :table.shape[1]] = table  # row 0 is the class token's
 
 
 def make_unet():
@@ -373,6 +391,14 @@ def attribute_labels(scenes: list[W.Scene]) -> dict[str, tuple[torch.Tensor, tor
     return out
 
 
+def patch_targets(scenes: list[W.Scene], patch: int) -> torch.Tensor:
+    """The glyph masks cut into the ViT's patches: (B, patches, 2·patch²), row-major like its tokens."""
+    masks = torch.from_numpy(np.stack([W.glyph_masks(s) for s in scenes]))  # (B, 2, 64, 64)
+    b, c, h, w = masks.shape
+    cells = masks.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return cells.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
 def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer, t_start: float):
     """The evaluator, from scratch: a multi-positive contrastive loss over captions that name random subsets of the
     attributes, with hard-negative groups; and, per attribute, cross-entropy of the image against the zero-shot
@@ -380,8 +406,10 @@ def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer, t_start: float):
     measurements use (a contrastive batch alone rarely holds the confusable classes side by side)."""
     clip = make_clip(tokenizer).train()
     prompts = {a: tokenize(tokenizer, list(p.values())) for a, p in quality.zero_shot_prompts().items()}
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
-    stage = Stage(cfg, out, "evaluator", {"clip": clip}, opt, cfg.clip_steps, t_start)
+    patch = clip.config.vision_config.patch_size
+    mask_head = torch.nn.Linear(clip.config.vision_config.hidden_size, 2 * patch * patch)  # discarded after training
+    opt = torch.optim.AdamW([*clip.parameters(), *mask_head.parameters()], lr=cfg.clip_lr, weight_decay=0.05)
+    stage = Stage(cfg, out, "evaluator", {"clip": clip, "mask_head": mask_head}, opt, cfg.clip_steps, t_start)
     rng = np.random.default_rng(cfg.seed + 2 + 1000 * stage.step)
     while stage.running():
         stage.set_lr([cosine_lr(stage.step, cfg.clip_lr, 100, cfg.clip_steps, 0.02)])
@@ -394,6 +422,10 @@ def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer, t_start: float):
         logits = result.logits_per_image  # (B images, B texts)
         loss = 0.5 * (torch.sum(-F.log_softmax(logits, 1) * match / match.sum(1, keepdim=True), 1).mean()
                       + torch.sum(-F.log_softmax(logits.T, 1) * match.T / match.T.sum(1, keepdim=True), 1).mean())
+        # dense supervision: each patch token draws its patch of the outer-shape and inner-part masks. A single
+        # label per image taught a ViT from scratch colour and context only; shape stayed at chance for 1,000 steps
+        tokens = result.vision_model_output.last_hidden_state[:, 1:]  # (B, patches, hidden)
+        loss = loss + F.binary_cross_entropy_with_logits(mask_head(tokens), patch_targets(scenes, patch))
         scale = clip.logit_scale.exp()
         for attr, (labels, mask) in attribute_labels(scenes).items():
             classes = F.normalize(clip.get_text_features(input_ids=prompts[attr]).pooler_output, dim=-1)

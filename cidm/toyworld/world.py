@@ -227,7 +227,7 @@ def pattern_mask(layer: Layer, u: np.ndarray, v: np.ndarray, r: float) -> np.nda
     if layer.pattern == "stripes":
         a = math.radians(layer.angle)
         along = u * math.sin(a) + v * math.cos(a)
-        return (along / period) % 2 < 1
+        return (along / period) % 2 < 0.7  # thinner than the gaps: the layer's own colour stays the main one
     if layer.pattern == "dots":
         p = period * 1.5
         du, dv = (u % p) - p / 2, (v % p) - p / 2
@@ -441,6 +441,18 @@ def render_glyphs(glyphs: list[tuple[Layer, ...]], context: str, placements, see
     if style:
         img = apply_style(img, style)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def glyph_masks(scene: Scene) -> np.ndarray:
+    """Where the glyphs are: coverage in [0, 1] of the outer shapes and of the inner parts (inner layers and pattern
+    marks), (2, 64, 64) float32. The evaluator learns to draw them (dense supervision of shape)."""
+    canvas = np.zeros((SIZE * SS, SIZE * SS, 3), np.float32)  # channel 0: outer, 1: inner
+    for thing, (cx, cy, r) in zip(scene.things, scene.placements):
+        outer, *inner = thing.layers
+        draw_glyph(canvas, (dataclasses.replace(outer, rgb=(1, 0, 0), pattern_rgb=(1, 1, 0)),), cx, cy, r)
+        draw_glyph(canvas, tuple(dataclasses.replace(layer, rgb=(1, 1, 0)) for layer in inner), cx, cy, r)
+    cover = sum(canvas[i::SS, j::SS] for i in range(SS) for j in range(SS)) / (SS * SS)
+    return np.ascontiguousarray(cover[..., :2].transpose(2, 0, 1))
 
 
 def render(scene: Scene) -> np.ndarray:
