@@ -53,10 +53,9 @@ def _installed() -> bool:
 def cmd_toyworld_train(args) -> int:
     from .toyworld.train import ToyTrainConfig, train_all
 
-    cfg = ToyTrainConfig(out=args.out, seed=args.seed, vae_minutes=args.vae_minutes, clip_minutes=args.clip_minutes,
-                         unet_minutes=args.unet_minutes, evaluator_more_minutes=args.evaluator_minutes,
-                         new_unet=args.new_unet)
-    print(train_all(cfg, resume_from=args.resume_from))
+    steps = {f"{k}_steps": v for k, v in (("vae", args.vae_steps), ("clip", args.evaluator_steps),
+                                          ("unet", args.unet_steps)) if v is not None}
+    print(train_all(ToyTrainConfig(out=args.out, seed=args.seed, minutes=args.minutes, **steps)))
     return 0
 
 
@@ -271,17 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     tw = sub.add_parser("toyworld", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
-    p = tw.add_parser("train", help="train the toy world's tokenizer, VAE, evaluator and UNet from scratch")
-    p.add_argument("--out", required=True, help="run folder; the model lands in OUT/model")
+    p = tw.add_parser("train", help="train the toy world's tokenizer, VAE, evaluator, text encoder and UNet from "
+                      "scratch (about 3 h on 2 CPU cores); run it again with the same --out to continue")
+    p.add_argument("--out", required=True, help="run folder; the model lands in OUT/model, states in OUT/state")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-minutes", type=float, default=15.0)
-    p.add_argument("--clip-minutes", type=float, default=10.0)
-    p.add_argument("--unet-minutes", type=float, default=60.0, help="UNet budget of this invocation (resumable)")
-    p.add_argument("--resume-from", help="a shipped model folder (e.g. cidm/toyworld/model) to continue from")
-    p.add_argument("--evaluator-minutes", type=float, default=0.0,
-                   help="train the evaluator this many more minutes before the UNet (resumed runs)")
-    p.add_argument("--new-unet", action="store_true",
-                   help="with --resume-from: train a UNet of the current architecture from scratch")
+    p.add_argument("--minutes", type=float, help="end this sitting after this long, state saved (default: run to "
+                   "the end)")
+    p.add_argument("--vae-steps", type=int, help="default 4000")
+    p.add_argument("--evaluator-steps", type=int, help="default 4000")
+    p.add_argument("--unet-steps", type=int, help="default 16000")
     p.set_defaults(func=cmd_toyworld_train)
     return parser
 

@@ -39,8 +39,8 @@ def test_tokenizer_is_rebuilt_exactly_from_the_world_words():
 
     shipped = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
     assert build_tokenizer().get_vocab() == shipped.get_vocab()
-    ids = shipped("a photo of a striped orange star in the snow").input_ids
-    assert len(ids) == 12  # one token per word (10), plus BOS and EOS
+    ids = shipped("a close-up photo of an orange star with black stripes in the snow").input_ids
+    assert len(ids) == 16  # one token per word (12; "close-up" is three), plus BOS and EOS
 
 
 def test_default_base_without_gpu_is_the_embedded_model(monkeypatch):
@@ -48,19 +48,19 @@ def test_default_base_without_gpu_is_the_embedded_model(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("with CUDA the default is SD-1.5")
     pipe, info = models.load_base()
-    assert info.source == str(MODEL) and info.num_cross_attn_layers == 7 and info.resolution == 64
+    assert info.source == str(MODEL) and info.num_cross_attn_layers == 4 and info.resolution == 64
     assert info.evaluator == str((MODEL / "evaluator").resolve())
 
 
 def test_evaluator_reads_world_images(evaluator):
     acc = quality.evaluator_accuracy(*evaluator, n=96, seed=quality.HELD_OUT_SEED + 77)
-    assert acc["colour"] >= 0.8 and acc["context"] >= 0.8, acc
+    assert min(acc.values()) >= 0.8, acc  # chance: 1/6 shape, 1/12 colours, 1/9 inner part, 1/18 context
 
 
 def test_generated_images_follow_their_prompts_above_chance(pipe, evaluator):
     acc, images, prompts = quality.generator_accuracy(pipe, *evaluator, n=24, steps=10, batch_size=24)
     assert images.shape == (24, 64, 64, 3)
-    assert acc["colour"] >= 0.4, acc  # chance is 1/8
+    assert acc["colour"] >= 0.4 and acc["inner"] >= 0.3, acc  # chance is 1/12 and 1/9
 
 
 def test_concept_set_follows_the_protocol():
