@@ -36,7 +36,8 @@ class Studio:
         if pipe is None:
             pipe, info = load_base(base_model, device, dtype)
         self.pipe, self.info = pipe, info
-        self.library = Library(library)
+        # a helper process of `accelerate launch` only reads: sweeping would remove the main process's staging
+        self.library = Library(library, read_only=data_parallel()[0] > 0)
         learned_with = self.library.manifest.get("method")
         if method and learned_with and method != learned_with:
             raise LibraryError(f"this library was learned with method {learned_with!r}, not {method!r}; use a new "
@@ -129,7 +130,7 @@ class Studio:
         for name in list(self.tokens.names):
             self.tokens.remove(name)
         self.loras.clear()
-        self.library = Library(self.library.root)
+        self.library = Library(self.library.root, read_only=data_parallel()[0] > 0)
         self._load_library()
 
     def delete(self, name: str) -> None:
