@@ -58,8 +58,8 @@ def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], pr
     for t, name in enumerate(order, start=1):
         c = spec["concepts"][name]
         t0 = time.perf_counter()
-        studio.learn(name, c["reference_images"], c["class_word"], c["kind"], captions=c["captions"],
-                     steps=p["steps"], batch_size=p.get("batch_size", 4), seed=p["seed"], **overrides)
+        studio.learn(name, c["reference_images"], c["class_word"], c["kind"], steps=p["steps"], seed=p["seed"],
+                     **overrides)  # as `cidm learn` does: no captions, the base's learning defaults
         learn_seconds = time.perf_counter() - t0
         for m in methods:
             method, run = get_method(m), runs[m]
@@ -81,7 +81,7 @@ def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], pr
 
 def run_methods_bench(out: Path, methods: list[str], base_model: str | None = None, concepts: Path = EXAMPLES,
                       tasks: int = 10, steps: int = 300, prompts: int = 5, images: int = 2, seed: int = 0,
-                      gen_steps: int = 25, guidance: float = 5.0, batch_size: int = 4, precision: str = "no",
+                      gen_steps: int = 25, guidance: float = 5.0, precision: str = "no",
                       workers: int = 1) -> dict:
     """Every method on one protocol: after every task t, every learned concept (≤ t) is generated with its
     evaluation prompts × seeds and scored (IA against its references, TA against its prompt with the class word).
@@ -99,10 +99,10 @@ def run_methods_bench(out: Path, methods: list[str], base_model: str | None = No
     groups = training_groups(methods)
     if workers > 1 and len(groups) > 1:
         settings = dict(base_model=base_model, concepts=concepts, tasks=tasks, steps=steps, prompts=prompts,
-                        images=images, seed=seed, gen_steps=gen_steps, guidance=guidance, batch_size=batch_size,
+                        images=images, seed=seed, gen_steps=gen_steps, guidance=guidance,
                         precision=precision)
         return run_in_workers(out, groups, workers, settings)
-    protocol = make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, batch_size, precision)
+    protocol = make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, precision)
     results: dict = {"protocol": protocol, "methods": {}}
     evaluator = None
     for group in groups:

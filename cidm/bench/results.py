@@ -42,14 +42,11 @@ def format_settings(settings: dict, sep: str = ", ") -> str:
     return sep.join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
 
 
-def make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, batch_size: int = 4,
-                  precision: str = "no") -> dict:
-    """What every method of one comparison shares (and `--merge` checks); batch_size and the generation's
-    precision only when not the default."""
+def make_protocol(order, steps, prompts, images, seed, gen_steps, guidance, precision: str = "no") -> dict:
+    """What every method of one comparison shares (and `--merge` checks); the generation's precision only when not
+    the default. Learning uses the base's defaults (batch, rates), as `cidm learn` does."""
     protocol = {"tasks": order, "steps": steps, "prompts": prompts, "images_per_prompt": images, "seed": seed,
                 "gen_steps": gen_steps, "guidance": guidance}
-    if batch_size != 4:
-        protocol["batch_size"] = batch_size
     if precision != "no":
         protocol["gen_precision"] = precision
     return protocol
