@@ -91,6 +91,7 @@ def cmd_learn(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .images import save_png
     from .studio import Studio
 
     studio = Studio(args.library, base_model=args.base_model)
@@ -100,7 +101,7 @@ def cmd_generate(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        image.save(path)
+        save_png(image, path)
         print(path)
     return 0
 
@@ -118,6 +119,7 @@ def parse_region(text: str):
 
 
 def cmd_compose(args) -> int:
+    from .images import save_png
     from .studio import Studio
 
     studio = Studio(args.library, base_model=args.base_model)
@@ -126,7 +128,7 @@ def cmd_compose(args) -> int:
                            region_noise=args.region_noise, steps=args.steps, guidance=args.guidance,
                            seed=args.seed)[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    save_png(image, args.out)
     print(args.out)
     return 0
 
@@ -217,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images; prompts may name learned concepts as <name>")
     p.add_argument("--library", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="repeat for several prompts: one batch, each prompt from the same seed")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--out", required=True, help="PNG path (with -0, -1, … for several images)")
+    p.add_argument("--out", required=True, help="PNG path (with -0, -1, … for several images, prompt by prompt)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--num-images", type=int, default=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import math
 import os
 import struct
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 try:  # colour management is optional in Pillow builds
     from PIL import ImageCms
@@ -27,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on how Pillow was built
     ImageCms = None
 
 __all__ = ["ImageInputError", "load_image", "load_images", "fit_square", "to_tensor", "Augment",
-           "prepare_training_images"]
+           "prepare_training_images", "with_parameters", "save_png"]
 
 MIN_SIDE = 16
 # Formats we let Pillow decode from uploads ("JPEG" also opens phone cameras' multi-picture MPO files).
@@ -309,3 +311,22 @@ def prepare_training_images(sources, size: int) -> torch.Tensor:
     """Uploads -> (N, 3, size, size) float32 tensor in [-1, 1] (load_images, fit_square, to_tensor)."""
     images = load_images(sources, min_count=1)
     return torch.stack([to_tensor(fit_square(image, size)) for image in images])
+
+
+def with_parameters(images: list[Image.Image], prompts: list[str], **parameters) -> list[Image.Image]:
+    """Each image carries how it was made, as PNG text 'parameters' (JSON): its prompt (images come prompt by prompt,
+    equally many each) and the shared settings. `save_png` writes it; so does Gradio's image output as PNG."""
+    per_prompt = max(1, len(images) // max(1, len(prompts)))
+    for i, image in enumerate(images):
+        prompt = prompts[min(i // per_prompt, len(prompts) - 1)]
+        image.info["parameters"] = json.dumps({"prompt": prompt, **parameters}, ensure_ascii=False)
+    return images
+
+
+def save_png(image: Image.Image, path) -> None:
+    """Save as PNG, keeping the image's text metadata (`with_parameters`)."""
+    info = PngInfo()
+    for key, value in image.info.items():
+        if isinstance(value, str):
+            info.add_text(key, value)
+    image.save(path, format="PNG", pnginfo=info)

@@ -183,14 +183,27 @@ class Studio:
         return GenerateConfig(**{"merge": inference.merge, "psi": inference.psi, **settings})
 
     def generate(self, prompt: str | list[str], negative_prompt: str = "", callback=None, **settings):
-        return generate(self.pipe, self.tokens, self.loras, prompt, negative_prompt, self.settings(**settings),
-                        callback=callback, contexts=self.method.prepare_inference().contexts)
+        config = self.settings(**settings)
+        images = generate(self.pipe, self.tokens, self.loras, prompt, negative_prompt, config, callback=callback,
+                          contexts=self.method.prepare_inference().contexts)
+        return self._described(images, [prompt] if isinstance(prompt, str) else list(prompt), negative_prompt,
+                               config)
+
+    def _described(self, images, prompts: list[str], negative_prompt: str, config: GenerateConfig, **extra):
+        """The images with how they were made in their PNG metadata (reproducible from the same library)."""
+        return images_lib.with_parameters(
+            images, prompts, negative_prompt=negative_prompt, steps=config.steps, guidance=config.guidance,
+            seed=config.seed, merge=config.merge, psi=config.psi, **extra, base_model=self.info.source,
+            concepts=self.names, method=self.method.name, software="CIDM Studio")
 
     def compose(self, prompt: str, regions, negative_prompt: str = "", alpha: float = 0.1,
                 region_noise: str = "normalised", callback=None, **settings):
         regions = [r if isinstance(r, Region) else Region(*r) for r in regions]
-        return compose(self.pipe, self.tokens, self.loras, prompt, regions, negative_prompt,
-                       self.settings(**settings), alpha=alpha, region_noise=region_noise, callback=callback)
+        config = self.settings(**settings)
+        images = compose(self.pipe, self.tokens, self.loras, prompt, regions, negative_prompt, config, alpha=alpha,
+                         region_noise=region_noise, callback=callback)
+        return self._described(images, [prompt], negative_prompt, config, alpha=alpha, region_noise=region_noise,
+                               regions=[{"box": list(r.box), "prompt": r.prompt} for r in regions])
 
     def edit(self, image, box, prompt: str, negative_prompt: str = "", strength: float = 0.8, **settings):
         return edit(self.pipe, self.tokens, self.loras, image, box, prompt, negative_prompt, strength,

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -63,6 +64,13 @@ def test_learn_generate_and_compose_from_the_command_line(tiny_model_dir, tmp_pa
               "--out", str(tmp_path / "g.png"), **env)
     assert out.returncode == 0, out.stderr
     assert Image.open(tmp_path / "g-1.png").size == (64, 64)
+    # several prompts in one call: images prompt by prompt, each PNG saying how it was made
+    out = run("generate", "--library", lib, "--prompt", "a photo of a <medic>", "--prompt", "a photo on a beach",
+              "--steps", "2", "--num-images", "2", "--seed", "3", "--out", str(tmp_path / "m.png"), **env)
+    assert out.returncode == 0, out.stderr
+    made = [json.loads(Image.open(tmp_path / f"m-{i}.png").text["parameters"]) for i in range(4)]
+    assert [m["prompt"] for m in made] == ["a photo of a <medic>"] * 2 + ["a photo on a beach"] * 2
+    assert made[0]["seed"] == 3 and made[0]["steps"] == 2 and made[0]["concepts"] == ["medic"]
     out = run("compose", "--library", lib, "--prompt", "a photo on a beach", "--region", "0,0,32,64:a <medic>",
               "--steps", "2", "--out", str(tmp_path / "c.png"), **env)
     assert out.returncode == 0, out.stderr
