@@ -10,6 +10,10 @@
 Every change is atomic: files are written into a staging folder beside the concepts, moved into place, and the
 change becomes real only when `library.json` is replaced (`os.replace`). A crash or kill at any moment leaves the
 previous manifest and every earlier concept exactly as they were; stray staging folders are swept on the next open.
+
+Several writers (two Studios, the app beside the command line) may share one library: every read-modify-write of the
+manifest holds the lock file `.lock` and re-reads the manifest under it, so no writer's change is lost. A manifest is
+never trusted: every read checks names, the task-shared file name and that every path stays inside the library.
 """
 
 from __future__ import annotations
@@ -23,11 +27,20 @@ import shutil
 import uuid
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 MANIFEST = "library.json"
 FORMAT = 1
 NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 NAME_HELP = ("1–40 characters: lower-case letters a–z, digits, '-' and '_', starting with a letter or digit "
-             "(no spaces, no path separators, no '..')")
+             "(no spaces, no path separators, no '..'; not 'forgetting')")
+RESERVED = ("forgetting",)  # folders of a library that are not concepts (`Studio.regenerate_all` writes there)
+TASK_SHARED_RULE = re.compile(r"^task_shared-[0-9a-f]{8}\.safetensors$")
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT = 60.0  # seconds a writer waits for another one before giving up with a clear error
+MAX_CONCEPTS = int(os.environ.get("CIDM_MAX_CONCEPTS", "50"))  # concepts one library may hold
+MAX_MANIFEST_BYTES = 4 * 2 ** 20  # a library.json larger than this is refused before it is parsed
+CONCEPT_FILES = ("tokens.safetensors", "pytorch_lora_weights.safetensors")  # what marks a folder as a concept
 
 
 class LibraryError(ValueError):
@@ -35,9 +48,57 @@ class LibraryError(ValueError):
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RULE.match(name):
-        raise LibraryError(f"concept name {name!r} is not allowed: use {NAME_HELP}.")
+    if not isinstance(name, str) or not NAME_RULE.match(name) or name in RESERVED:
+        raise LibraryError(f"concept name {_short(name)} is not allowed: use {NAME_HELP}.")
     return name
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr() of a value from outside, cut to `limit` characters (a hostile name can be a megabyte long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """`path`, once it is known to stay inside `root` after resolving '..' and symbolic links; else LibraryError."""
+    root_resolved, resolved = Path(root).resolve(), Path(path).resolve()
+    if resolved != root_resolved and root_resolved not in resolved.parents:
+        raise LibraryError(f"{_short(str(Path(path).name))} points outside its folder; refused")
+    return Path(path)
+
+
+def check_manifest(data, where: str) -> dict:
+    """The manifest if it follows the rules a library writes by, else LibraryError (it may come from the Hub)."""
+    def bad(why: str):
+        raise LibraryError(f"{where} is not a valid library manifest: {why}; restore it from a copy or start a new "
+                           f"library folder")
+
+    if not isinstance(data, dict):
+        bad("it is not a JSON object")
+    if data.get("format") != FORMAT:
+        raise LibraryError(f"{where} has format {_short(data.get('format'))}; this version reads format {FORMAT}")
+    tasks, concepts = data.get("tasks"), data.get("concepts")
+    if not isinstance(tasks, list) or not isinstance(concepts, dict):
+        bad("'tasks' must be a list and 'concepts' an object")
+    for name in tasks:
+        if not isinstance(name, str) or not NAME_RULE.match(name) or name in RESERVED:
+            bad(f"concept name {_short(name)} breaks the naming rule ({NAME_HELP})")
+    if len(set(tasks)) != len(tasks) or set(concepts) != set(tasks):
+        bad("'tasks' and 'concepts' must name the same concepts, each once")
+    for name, record in concepts.items():
+        if not isinstance(record, dict) or not isinstance(record.get("class_word"), str) or \
+                record.get("kind") not in ("object", "style"):
+            bad(f"the record of {name!r} needs a class_word and a kind ('object' or 'style')")
+    shared = data.get("task_shared")
+    if shared is not None and (not isinstance(shared, str) or not TASK_SHARED_RULE.match(shared)):
+        bad(f"task_shared {_short(shared)} is not a file name task_shared-<8 hex digits>.safetensors")
+    base = data.get("base_model")
+    if base is not None and not (isinstance(base, dict) and isinstance(base.get("source"), str)
+                                 and type(base.get("n_layers")) is int):
+        bad("base_model needs a 'source' and a whole number 'n_layers'")
+    if not isinstance(data.get("settings", {}), dict) or not isinstance(data.get("method") or "", str):
+        bad("'settings' must be an object and 'method' a name")
+    return data
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -54,6 +115,7 @@ class Library:
     def __init__(self, root: str | Path, read_only: bool = False):
         """`read_only`: only read the manifest (safe beside a writer in another thread; nothing is swept)."""
         self.root = Path(root).expanduser()
+        self._lock: FileLock | None = None
         self.manifest = self._read()
         if not read_only:
             self._sweep()
@@ -63,22 +125,81 @@ class Library:
         if not path.exists():
             return {"format": FORMAT, "base_model": None, "method": None, "settings": {}, "tasks": [],
                     "concepts": {}, "task_shared": None}
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise LibraryError(f"{path} is larger than {MAX_MANIFEST_BYTES // 2 ** 20} MB; it is not a library "
+                               f"manifest")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise LibraryError(f"{path} is not valid JSON ({err}); restore it from a copy or start a new library "
                                f"folder") from err
-        if data.get("format") != FORMAT:
-            raise LibraryError(f"{path} has format {data.get('format')!r}; this version reads format {FORMAT}")
+        check_manifest(data, str(path))
+        for name in data["tasks"]:
+            inside(self.root, self.root / name)
+        if data.get("task_shared"):
+            inside(self.root, self.root / data["task_shared"])
         return data
 
+    def reload(self) -> None:
+        """Read the manifest again (another writer may have changed it) and sweep what interrupted writes left."""
+        self.manifest = self._read()
+        self._sweep()
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = LOCK_TIMEOUT):
+        """Hold the library's lock file: other Studios, the command line and other threads wait (reentrant for this
+        object in one thread). Writers re-read the manifest under it before they change it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = FileLock(str(self.root / LOCK_FILE))
+        try:
+            self._lock.acquire(timeout=timeout)
+        except Timeout:
+            raise LibraryError(f"the library is busy: another Studio or the command line has been writing it for "
+                               f"{timeout:.0f} s; try again in a moment") from None
+        try:
+            yield self
+        finally:
+            self._lock.release()
+
     def _sweep(self) -> None:
-        """Remove what an interrupted write left behind: staging folders and unreferenced concept folders."""
+        """Remove what an interrupted write left behind: dead staging folders, trash, temporary files, and the
+        concept folders and task-shared files the manifest does not name. A replace that crashed before its manifest
+        was published is rolled back: the old concept returns to its folder."""
         if not self.root.exists():
             return
-        for p in self.root.iterdir():
-            if p.name.startswith(".staging-") or p.name.startswith(".trash-") or p.name.endswith(".tmp"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        try:
+            with self.lock(timeout=0):  # another writer at work: it cleans up after itself, the next open sweeps
+                self.manifest = manifest = self._read()
+                named = set(manifest["tasks"]) | set(RESERVED) | {manifest.get("task_shared")}
+                is_library = (self.root / MANIFEST).exists()
+                for p in sorted(self.root.iterdir()):
+                    if p.name.startswith(".trash-"):
+                        self._restore_or_drop(p, manifest)
+                    elif p.name.startswith(".staging-"):
+                        if not _staging_alive(p):
+                            _remove(p)
+                    elif p.name.endswith(".tmp") or p.name.startswith(".task_shared"):
+                        _remove(p)
+                    elif is_library and p.name not in named and (
+                            TASK_SHARED_RULE.match(p.name) or (NAME_RULE.match(p.name) and p.is_dir() and any(
+                                (p / f).exists() for f in CONCEPT_FILES))):
+                        _remove(p)  # written by a commit whose manifest never appeared
+        except LibraryError:
+            return
+
+    def _restore_or_drop(self, trash: Path, manifest: dict) -> None:
+        """`.trash-<name>-<commit>` holds a replaced concept: garbage once the manifest names that commit, else the
+        replace never got published and the old concept goes back into place."""
+        name, _, commit = trash.name.removeprefix(".trash-").rpartition("-")
+        record = manifest["concepts"].get(name)
+        if record is None or record.get("commit") == commit or not trash.is_dir() or trash.is_symlink():
+            _remove(trash)
+            return
+        target = self.root / name
+        if target.exists() or target.is_symlink():
+            _remove(target)
+        os.replace(trash, target)
 
     # ------------------------------------------------------------------------------------------------------------
     # reading
@@ -98,12 +219,45 @@ class Library:
 
     def concept_dir(self, name: str) -> Path:
         self.record(name)
-        return self.root / name
+        return inside(self.root, self.root / name)
+
+    def images(self, name: str) -> list[Path]:
+        """A concept's reference images (files inside the library only)."""
+        folder = self.concept_dir(name) / "images"
+        return [p for p in sorted(folder.glob("*")) if p.is_file() and _is_inside(self.root, p)]
 
     @property
     def task_shared_file(self) -> Path | None:
         name = self.manifest.get("task_shared")
-        return self.root / name if name else None
+        return inside(self.root, self.root / name) if name else None
+
+    def files(self) -> list[str]:
+        """Every file that belongs to the library, relative to its root: the manifest, the model card, the
+        task-shared state, the concept folders it names and the stored re-generations. Nothing else (no staging,
+        lock or temporary files, nothing that resolves outside the library)."""
+        top = [MANIFEST, "README.md", self.manifest.get("task_shared")]
+        out = [f for f in top if f and (self.root / f).is_file() and _is_inside(self.root, self.root / f)]
+        for folder in [*self.manifest["tasks"], *RESERVED]:
+            base = self.root / folder
+            if base.is_dir() and _is_inside(self.root, base):
+                out += [str(p.relative_to(self.root)) for p in sorted(base.rglob("*"))
+                        if p.is_file() and not p.name.startswith(".") and _is_inside(self.root, p)]
+        return out
+
+    def snapshot(self, dest: str | Path) -> list[str]:
+        """Hard-link (or copy) every file of the library into `dest`, under the lock: a consistent copy that later
+        changes do not touch (a change writes new files and renames them into place; it never rewrites one)."""
+        dest = Path(dest)
+        with self.lock():
+            self.manifest = self._read()
+            names = self.files()
+            for rel in names:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(self.root / rel, dest / rel)
+                except OSError:
+                    shutil.copy2(self.root / rel, dest / rel)
+        return names
 
     def check_base(self, base_model: str, n_layers: int) -> None:
         """Refuse to use a library with another base model than the one it was learned on."""
@@ -122,75 +276,137 @@ class Library:
 
     @contextlib.contextmanager
     def staging(self):
-        """A fresh folder beside the concepts for writing a change; removed if the change is not committed."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f".staging-{uuid.uuid4().hex}"
-        path.mkdir()
+        """A fresh folder beside the concepts for writing a change; removed if the change is not committed. It holds
+        a lock of its own while in use, so that a sweep (from another Studio or process) leaves it alone."""
+        with self.lock():  # made and marked live at once: a sweep never sees it unmarked
+            path = self.root / f".staging-{uuid.uuid4().hex}"
+            path.mkdir()
+            live = FileLock(str(path / ".live"))
+            live.acquire(timeout=0)
         try:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+            live.release()
 
     def check_new(self, name: str, replace: bool = False) -> None:
-        validate_name(name)
-        if name in self.manifest["concepts"] and not replace:
-            raise LibraryError(f"a concept named {name!r} already exists; choose another name, or ask to replace it "
-                               f"(--replace / the Replace box)")
+        _check_new(self.manifest, name, replace)
 
     def commit_concept(self, name: str, staged: Path, record: dict, base: dict, method: str, settings: dict,
                        task_shared: Path | None, replace: bool = False) -> None:
-        """Move a staged concept folder into place and publish it (and the new task-shared state) in the manifest."""
-        self.check_new(name, replace)
-        manifest = json.loads(json.dumps(self.manifest))
-        if manifest["base_model"] is None:
-            manifest.update(base_model=base, method=method, settings=settings)
-        trash = None
-        target = self.root / name
-        if target.exists():  # a replaced concept, or a leftover not in the manifest
-            trash = self.root / f".trash-{uuid.uuid4().hex}"
-            os.replace(target, trash)
-        os.replace(staged, target)
-        old_shared = manifest.get("task_shared")
-        if task_shared is not None:
-            shared_name = f"task_shared-{uuid.uuid4().hex[:8]}.safetensors"
-            os.replace(task_shared, self.root / shared_name)
-            manifest["task_shared"] = shared_name
-        record = {**record, "name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds")}
-        manifest["concepts"][name] = record
-        if name not in manifest["tasks"]:
-            manifest["tasks"].append(name)
-        _write_json_atomic(self.root / MANIFEST, manifest)  # the change becomes real here
-        self.manifest = manifest
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        if task_shared is not None and old_shared:
-            (self.root / old_shared).unlink(missing_ok=True)
+        """Move a staged concept folder into place and publish it (and the new task-shared state) in the manifest.
+
+        Under the lock, on the manifest as it is on disk now. A replaced concept is kept in `.trash-<name>-<commit>`
+        until the new manifest is published, and put back if anything fails before that."""
+        with self.lock():
+            manifest = self._read()
+            _check_new(manifest, name, replace)
+            if manifest["base_model"] is None:
+                manifest.update(base_model=base, method=method, settings=settings)
+            commit = uuid.uuid4().hex
+            target = self.root / name
+            trash = self.root / f".trash-{name}-{commit}"
+            shared_name = f"task_shared-{commit[:8]}.safetensors" if task_shared is not None else None
+            old_shared = manifest.get("task_shared")
+            moved = {"old": False, "new": False, "shared": False}
+            try:
+                if target.exists() or target.is_symlink():  # a replaced concept, or a leftover not in the manifest
+                    os.replace(target, trash)
+                    moved["old"] = True
+                os.replace(staged, target)
+                moved["new"] = True
+                if shared_name is not None:
+                    os.replace(task_shared, self.root / shared_name)
+                    moved["shared"] = True
+                    manifest["task_shared"] = shared_name
+                manifest["concepts"][name] = {
+                    **record, "name": name, "task": len(manifest["tasks"]) + 1, "commit": commit,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                if name not in manifest["tasks"]:
+                    manifest["tasks"].append(name)
+                _write_json_atomic(self.root / MANIFEST, manifest)  # the change becomes real here
+            except BaseException:
+                if moved["shared"]:
+                    (self.root / shared_name).unlink(missing_ok=True)
+                if moved["new"]:
+                    _remove(target)
+                if moved["old"]:
+                    os.replace(trash, target)
+                raise
+            self.manifest = manifest
+            if moved["old"]:
+                _remove(trash)
+            if task_shared is not None and old_shared and old_shared != shared_name:
+                (self.root / old_shared).unlink(missing_ok=True)
 
     def delete(self, name: str, task_shared: Path | None = None) -> None:
-        self.record(name)
-        manifest = json.loads(json.dumps(self.manifest))
-        del manifest["concepts"][name]
-        manifest["tasks"].remove(name)
-        old_shared = manifest.get("task_shared")
-        if task_shared is not None:
-            shared_name = f"task_shared-{uuid.uuid4().hex[:8]}.safetensors"
-            os.replace(task_shared, self.root / shared_name)
-            manifest["task_shared"] = shared_name
-        elif not manifest["tasks"]:
-            manifest["task_shared"] = None
-        if not manifest["tasks"]:
-            manifest.update(base_model=None, method=None, settings={})
-        _write_json_atomic(self.root / MANIFEST, manifest)
-        self.manifest = manifest
-        shutil.rmtree(self.root / name, ignore_errors=True)
-        if old_shared and old_shared != manifest.get("task_shared"):
-            (self.root / old_shared).unlink(missing_ok=True)
+        with self.lock():
+            self.manifest = manifest = self._read()
+            self.record(name)
+            del manifest["concepts"][name]
+            manifest["tasks"].remove(name)
+            old_shared = manifest.get("task_shared")
+            if task_shared is not None:
+                shared_name = f"task_shared-{uuid.uuid4().hex[:8]}.safetensors"
+                os.replace(task_shared, self.root / shared_name)
+                manifest["task_shared"] = shared_name
+            elif not manifest["tasks"]:
+                manifest["task_shared"] = None
+            if not manifest["tasks"]:
+                manifest.update(base_model=None, method=None, settings={})
+            _write_json_atomic(self.root / MANIFEST, manifest)
+            self.manifest = manifest
+            _remove(self.root / name)
+            if old_shared and old_shared != manifest.get("task_shared"):
+                (self.root / old_shared).unlink(missing_ok=True)
 
     def update_record(self, name: str, **fields) -> None:
         """Add fields (e.g. scores) to a concept's record."""
-        self.record(name)
-        manifest = json.loads(json.dumps(self.manifest))
-        manifest["concepts"][name].update(fields)
-        _write_json_atomic(self.root / MANIFEST, manifest)
-        self.manifest = manifest
+        with self.lock():
+            self.manifest = manifest = self._read()
+            self.record(name)
+            manifest["concepts"][name].update(fields)
+            _write_json_atomic(self.root / MANIFEST, manifest)
+            self.manifest = manifest
+
+
+def _check_new(manifest: dict, name: str, replace: bool) -> None:
+    validate_name(name)
+    if name in manifest["concepts"]:
+        if not replace:
+            raise LibraryError(f"a concept named {name!r} already exists; choose another name, or ask to replace it "
+                               f"(--replace / the Replace box)")
+    elif len(manifest["tasks"]) >= MAX_CONCEPTS:
+        raise LibraryError(f"the library already holds {len(manifest['tasks'])} concepts, the most one library may "
+                           f"hold (CIDM_MAX_CONCEPTS); delete one or start a new library")
+
+
+def _is_inside(root: Path, path: Path) -> bool:
+    try:
+        inside(root, path)
+        return True
+    except LibraryError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _staging_alive(path: Path) -> bool:
+    """Whether a staging folder is still being written (its creator holds the lock on its `.live` file)."""
+    if not (path / ".live").is_file():
+        return False
+    probe = FileLock(str(path / ".live"))
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    probe.release()
+    return False

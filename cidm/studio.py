@@ -85,6 +85,7 @@ class Studio:
         config = TaskConfig(name=name, class_word=class_word.strip(), kind=kind,
                             **{**self.info.task_defaults, **self.method.train, **settings})
         pixels = images_lib.prepare_training_images(sources, self.info.resolution)
+        seen = self.library.manifest  # the library this task learns against; another writer may change it meanwhile
         if replace and name in self.loras:
             self._forget(name)
         past = dict(self.loras)
@@ -133,13 +134,20 @@ class Studio:
             base = {"source": self.info.source, "n_layers": self.info.num_cross_attn_layers,
                     "pipeline_class": self.info.pipeline_class}
             try:
-                self.library.commit_concept(name, folder, record, base, self.method.name,
-                                            {"merge": self.method.merge, "psi": self.method.psi,
-                                             "gamma1": config.gamma1, "gamma2": config.gamma2},
-                                            shared_file, replace=replace)
+                with self.library.lock():  # the manifest as it is on disk now, not as it was when learning began
+                    on_disk = Library(self.library.root, read_only=True).manifest
+                    changed = [on_disk["tasks"], on_disk.get("task_shared")] != [seen["tasks"], seen.get("task_shared")]
+                    if changed:
+                        self._merge_task_shared(on_disk, name, shared_file)
+                    self.library.commit_concept(name, folder, record, base, self.method.name,
+                                                {"merge": self.method.merge, "psi": self.method.psi,
+                                                 "gamma1": config.gamma1, "gamma2": config.gamma2},
+                                                shared_file, replace=replace)
             except BaseException:
                 self._reload()
                 raise
+        if changed:  # load what the other writer added
+            self._reload()
         if self.record_forgetting:
             self.regenerate_all()
         return result
@@ -216,19 +224,41 @@ class Studio:
         self.loras.clear()
         self.contexts.clear()
         self.shared = None
-        self.library = Library(self.library.root)
+        self.library.reload()
         self._load_library()
 
+    def refresh(self) -> bool:
+        """Reload when another Studio or the command line changed the library on disk; True if it did."""
+        if Library(self.library.root, read_only=True).manifest == self.library.manifest:
+            return False
+        self._reload()
+        return True
+
+    def _merge_task_shared(self, on_disk: dict, name: str, path: Path) -> None:
+        """Another writer changed the library while this task learned: keep R2's state as it is on disk (W_* and
+        every H_i there) and add this task's H_g, so that neither writer's task loses its state. This task was
+        learned without R1 against the concepts added meanwhile: CIDM learns one task after another."""
+        shared_name = on_disk.get("task_shared")
+        if not shared_name or not (self.library.root / shared_name).exists() or self.shared is None:
+            return
+        theirs = load_shared(self.library.root / shared_name)
+        if name in theirs.tasks:  # replaced meanwhile: this task's H_g is the newer one
+            theirs.remove_task(name)
+        theirs.P[name], theirs.Q[name] = self.shared.P[name], self.shared.Q[name]
+        save_shared(theirs, path)
+
     def delete(self, name: str) -> None:
-        self.library.record(name)
-        self._forget(name)
-        shared_file = None
-        if self.shared is not None and self.shared.tasks:
-            shared_file = self.library.root / ".task_shared.tmp.safetensors"
-            save_shared(self.shared, shared_file)
-        else:
-            self.shared = None
-        self.library.delete(name, task_shared=shared_file)
+        with self.library.lock():  # on the library as it is on disk (another writer may have added concepts)
+            self.refresh()
+            self.library.record(name)
+            self._forget(name)
+            shared_file = None
+            if self.shared is not None and self.shared.tasks:
+                shared_file = self.library.root / ".task_shared.tmp.safetensors"
+                save_shared(self.shared, shared_file)
+            else:
+                self.shared = None
+            self.library.delete(name, task_shared=shared_file)
 
     # ------------------------------------------------------------------------------------------------------------
     # generating
