@@ -282,10 +282,27 @@ class Studio:
 
 
     def edit(self, image, box, prompt: str, negative_prompt: str = "", strength: float = 0.8, **settings):
-        from .regions import edit
+        """Regenerate inside `box` (pixels of `image`, or 0–1) of an image brought to the model's resolution first:
+        its longer side becomes the model's side, so a large upload never goes through the VAE at full size."""
+        from .regions import edit, pixel_box
 
+        image = images_lib.load_image(image, reduce_to=self.info.resolution)
+        w, h = image.size
+        x0, y0, x1, y1 = pixel_box(box, w, h)
+        image = fit_model_side(image, self.info.resolution, 2 ** (len(self.pipe.vae.config.block_out_channels) - 1))
+        box = (x0 / w, y0 / h, x1 / w, y1 / h)  # relative: the same place on the resized image
         return edit(self.pipe, self.tokens, self.loras, image, box, prompt, negative_prompt, strength,
                     self.settings(**settings))
+
+
+def fit_model_side(image, side: int, multiple: int):
+    """The image resized so that its longer side is `side`, both sides multiples of `multiple` (the VAE's factor)."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = side / max(w, h)
+    size = tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (w, h))
+    return image if size == (w, h) else image.resize(size, Image.Resampling.LANCZOS)
 
 
 # ----------------------------------------------------------------------------------------------------------------

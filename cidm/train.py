@@ -74,6 +74,21 @@ class TaskConfig:
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False  # needs bitsandbytes
 
+    def __post_init__(self):
+        for field in ("steps", "batch_size", "rank", "n_slots"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # 0 steps: saved untrained
+                raise ValueError(f"{field} must be a whole number of at least 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {self.seed!r}")
+        for field in ("lr_lora", "lr_embedding", "r2_lr", "gamma1", "gamma2"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{field} must be a finite number of at least 0, got {value!r}")
+
+
+SEED_MAX = 2 ** 63 - 1  # seeds go to torch.Generator.manual_seed
+
 
 @dataclasses.dataclass
 class TaskResult:
