@@ -286,7 +286,7 @@ class Studio:
         its longer side becomes the model's side, so a large upload never goes through the VAE at full size."""
         from .regions import edit, pixel_box
 
-        image = images_lib.load_image(image, reduce_to=self.info.resolution)
+        image = images_lib.load_image(image)  # at its own size (within the pixel budget): the box is in its pixels
         w, h = image.size
         x0, y0, x1, y1 = pixel_box(box, w, h)
         image = fit_model_side(image, self.info.resolution, 2 ** (len(self.pipe.vae.config.block_out_channels) - 1))
