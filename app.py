@@ -26,9 +26,10 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from cidm import models, sessions
-from cidm.bench import EXAMPLES
+from cidm.bench.results import EXAMPLES, ia_curves, load_results, results_markdown
 from cidm.images import MAX_PIXELS
 from cidm.library import Library, LibraryError
+from cidm.sampling import SEED_MAX
 from cidm.studio import Studio
 
 ON_SPACE = bool(os.environ.get("SPACE_ID"))  # decides the layout (the login button); tokens check SPACE_ID per call
@@ -40,7 +41,6 @@ USER_ERRORS = (ValueError, LibraryError, models.BaseModelError, OSError)  # OSEr
 MAX_JOBS = int(os.environ.get("CIDM_MAX_JOBS", "2"))  # jobs one session may have queued or running at once
 MAX_FILE_SIZE = os.environ.get("CIDM_MAX_FILE_SIZE", "25mb")  # the largest upload the server accepts
 MAX_PHOTOS, MAX_STEPS, MAX_BOXES = 10, 1000, 8
-SEED_MAX = 2 ** 63 - 1
 APP_DIR = Path(__file__).resolve().parent
 _JOBS = sessions.JobLimiter(MAX_JOBS)
 BENCH_RESULTS = Path(__file__).resolve().parent / "bench" / "results" / "methods" / "results.json"
@@ -492,7 +492,6 @@ def build_forgetting_tab():
 
 def methods_view(results_file):
     """The benchmark's tables (IA, TA, forgetting, time) and the average-IA curve of every method."""
-    from cidm.bench import ia_curves, load_results, results_markdown
     from cidm.plots import ia_lines
 
     path = results_file if isinstance(results_file, str) else getattr(results_file, "name", None)

@@ -53,10 +53,9 @@ def _installed() -> bool:
 def cmd_toyworld_train(args) -> int:
     from .toyworld.train import ToyTrainConfig, train_all
 
-    cfg = ToyTrainConfig(out=args.out, seed=args.seed, vae_minutes=args.vae_minutes, clip_minutes=args.clip_minutes,
-                         unet_minutes=args.unet_minutes, evaluator_more_minutes=args.evaluator_minutes,
-                         new_unet=args.new_unet)
-    print(train_all(cfg, resume_from=args.resume_from))
+    steps = {f"{k}_steps": v for k, v in (("vae", args.vae_steps), ("clip", args.evaluator_steps),
+                                          ("unet", args.unet_steps)) if v is not None}
+    print(train_all(ToyTrainConfig(out=args.out, seed=args.seed, minutes=args.minutes, **steps)))
     return 0
 
 
@@ -141,23 +140,24 @@ def parse_setting(value: str):
 
 
 def cmd_bench(args) -> int:
-    from .bench import EXAMPLES, run_compose_bench, run_core_bench, run_methods_bench
+    from .bench.results import EXAMPLES, merge_results
+    from .methods import METHODS, compared_methods
 
+    concepts = Path(args.concepts or EXAMPLES)
     if args.merge:
-        from .bench import merge_results
-
         merge_results([Path(f) for f in args.merge.split(",") if f], Path(args.out))
         print((Path(args.out) / "results.md").read_text())
         return 0
     if args.quick:
         args.methods, args.tasks, args.steps, args.prompts, args.images = "cidm,lora-m", 3, 20, 2, 1
     if args.compose:
+        from .bench.compose import run_compose_bench
+
         library = Path(args.library or Path(args.out) / "library")
         run_compose_bench(Path(args.out), library, base_model=args.base, layouts=args.layouts, seed=args.seed)
         return 0
     if args.tune:
-        from .bench import run_tuning
-        from .methods import METHODS
+        from .bench.tuning import run_tuning
 
         weighted = ",".join(m for m, method in METHODS.items() if method.weight)
         methods = [m.strip() for m in (args.methods or weighted).split(",") if m.strip()]
@@ -169,20 +169,21 @@ def cmd_bench(args) -> int:
                 raise ValueError(f"--also-try takes METHOD:SETTING=VALUE, e.g. cidm:lr_lora=1e-3; got {item!r}")
             extra.setdefault(method, []).append({key: parse_setting(value)})
             methods += [] if method in methods else [method]
-        run_tuning(Path(args.out), methods, base_model=args.base, concepts=Path(args.concepts or EXAMPLES),
-                   steps=args.steps, prompts=args.prompts, images=args.images, seed=args.seed, extra=extra)
+        run_tuning(Path(args.out), methods, base_model=args.base, concepts=concepts, steps=args.steps,
+                   prompts=args.prompts, images=args.images, seed=args.seed, extra=extra)
         return 0
     if not args.core:
-        from .methods import compared_methods
+        from .bench.methods import run_methods_bench
 
         methods = [m.strip() for m in (args.methods or ",".join(compared_methods())).split(",") if m.strip()]
-        run_methods_bench(Path(args.out), methods, base_model=args.base,
-                          concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks, steps=args.steps,
-                          prompts=args.prompts, images=args.images, seed=args.seed, precision=args.precision,
-                          workers=args.workers)
+        run_methods_bench(Path(args.out), methods, base_model=args.base, concepts=concepts, tasks=args.tasks,
+                          steps=args.steps, prompts=args.prompts, images=args.images, seed=args.seed,
+                          precision=args.precision, workers=args.workers)
         return 0
-    run_core_bench(Path(args.out), base_model=args.base, concepts=Path(args.concepts or EXAMPLES), tasks=args.tasks,
-                   steps=args.steps, prompts=args.prompts, seeds=args.seeds, seed=args.seed)
+    from .bench.core import run_core_bench
+
+    run_core_bench(Path(args.out), base_model=args.base, concepts=concepts, tasks=args.tasks, steps=args.steps,
+                   prompts=args.prompts, seeds=args.seeds, seed=args.seed)
     return 0
 
 
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="--core: images per prompt")
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
     p.add_argument("--methods", help="comma-separated method ids (default: all but the diagnostic cidm-tokens-only; "
-                   "see cidm/methods.py)")
+                   "see cidm/methods/)")
     p.add_argument("--quick", action="store_true", help="3 tasks, 20 steps, 2 prompts, cidm and lora-m")
     p.add_argument("--workers", type=int, default=1,
                    help="methods bench: run the training groups in this many processes at once (2 on 2 cores)")
@@ -269,17 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     tw = sub.add_parser("toyworld", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
-    p = tw.add_parser("train", help="train the toy world's tokenizer, VAE, evaluator and UNet from scratch")
-    p.add_argument("--out", required=True, help="run folder; the model lands in OUT/model")
+    p = tw.add_parser("train", help="train the toy world's tokenizer, VAE, evaluator, text encoder and UNet from "
+                      "scratch (about 3 h on 2 CPU cores); run it again with the same --out to continue")
+    p.add_argument("--out", required=True, help="run folder; the model lands in OUT/model, states in OUT/state")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-minutes", type=float, default=15.0)
-    p.add_argument("--clip-minutes", type=float, default=10.0)
-    p.add_argument("--unet-minutes", type=float, default=60.0, help="UNet budget of this invocation (resumable)")
-    p.add_argument("--resume-from", help="a shipped model folder (e.g. cidm/toyworld/model) to continue from")
-    p.add_argument("--evaluator-minutes", type=float, default=0.0,
-                   help="train the evaluator this many more minutes before the UNet (resumed runs)")
-    p.add_argument("--new-unet", action="store_true",
-                   help="with --resume-from: train a UNet of the current architecture from scratch")
+    p.add_argument("--minutes", type=float, help="end this sitting after this long, state saved (default: run to "
+                   "the end)")
+    p.add_argument("--vae-steps", type=int, help="default 4000")
+    p.add_argument("--evaluator-steps", type=int, help="default 4000")
+    p.add_argument("--unet-steps", type=int, help="default 16000")
     p.set_defaults(func=cmd_toyworld_train)
     return parser
 

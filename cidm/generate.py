@@ -6,7 +6,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -14,6 +13,8 @@ from .attention import install_processors
 from .ewa import ewa_weights, merged
 from .lora import LoRAWeights
 from .models import precision_context
+from .sampling import (SEED_MAX, classifier_free_guidance, decode, denoise, encode_image, initial_latents,
+                       latent_size, partial_timesteps, predict_noise)
 
 
 @dataclasses.dataclass
@@ -38,8 +39,8 @@ class GenerateConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be a whole number of at least 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2 ** 63 - 1:
-            raise ValueError(f"seed must be a whole number from 0 to {2 ** 63 - 1}, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {self.seed!r}")
         if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
             raise ValueError(f"guidance must be a finite number, got {self.guidance!r}: NaN or infinity would give a "
                              f"black image")
@@ -92,11 +93,7 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str | list[str
     tokens.check_prompt(negative_prompt)
     if config.steps < 1 or n < 1:
         raise ValueError(f"steps and num_images must be at least 1 (got {config.steps}, {n})")
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    height = config.height or unet.config.sample_size * scale
-    width = config.width or unet.config.sample_size * scale
-    if height % scale or width % scale:
-        raise ValueError(f"height and width must be multiples of {scale} (got {height}×{width})")
+    height, width, _ = latent_size(pipe, config.height, config.width)
 
     # 2. Bind the prompts into layer-wise embeddings: (P·n, L, N, D) each, uncond first
     cond = tokens.encode(prompts).to(dtype).repeat_interleave(n, dim=0)
@@ -111,58 +108,34 @@ def generate(pipe, tokens, loras: dict[str, LoRAWeights], prompt: str | list[str
     layers = install_processors(unet)
 
     # 5. Denoising loop, with the merged weights
-    generator = torch.Generator().manual_seed(config.seed)
-    noise = torch.randn((n, unet.config.in_channels, height // scale, width // scale), generator=generator)
-    latents = noise.repeat(len(prompts), 1, 1, 1).to(device, dtype)
     scheduler.set_timesteps(config.steps, device=device)
     timesteps = scheduler.timesteps
-    latents = latents * scheduler.init_noise_sigma
+    generator = torch.Generator().manual_seed(config.seed)
+    latents = initial_latents(pipe, scheduler, n, height, width, generator).repeat(len(prompts), 1, 1, 1)
     if any(named):  # in-context generation: each prompt's first named concept's vision context, noised
         timesteps = partial_timesteps(scheduler, config.context_strength)
         z_context = torch.cat([encode_image(vae, contexts[c[0]].resize((width, height))) for c in named])
         z_context = z_context.to(device, dtype).repeat_interleave(n, dim=0)
         latents = scheduler.add_noise(z_context, latents, timesteps[:1])
 
-    def predict(x, t, text):
-        eps = unet(x, t, encoder_hidden_states=text[:, 0], cross_attention_kwargs={"layerwise_text": text}).sample
-        return eps.to(dtype)  # out of autocast's precision
+    def predict(x, t):
+        return predict_noise(unet, x, t, text).to(dtype)  # out of autocast's precision
+
+    def guided_eps(x, t):
+        x = torch.cat([x, x])
+        if composite:  # LoRA-Composite: each LoRA alone, predictions averaged (uncond and cond separately)
+            eps = 0
+            for lora in loras.values():
+                with merged(unet, layers, [lora], torch.ones(len(layers), 1)):
+                    eps = eps + predict(x, t) / len(loras)
+        else:
+            eps = predict(x, t)
+        return classifier_free_guidance(*eps.chunk(2), config.guidance)
 
     composite = config.merge == "composite" and len(loras) > 1
     autocast = precision_context(config.mixed_precision, device)
     with merged(unet, layers, [] if composite else list(loras.values()), weights), autocast():
-        for i, t in enumerate(timesteps):
-            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            if composite:  # LoRA-Composite: each LoRA alone, predictions averaged (uncond and cond separately)
-                eps = 0
-                for lora in loras.values():
-                    with merged(unet, layers, [lora], torch.ones(len(layers), 1)):
-                        eps = eps + predict(x, t, text) / len(loras)
-            else:
-                eps = predict(x, t, text)
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + config.guidance * (eps_cond - eps_uncond)  # classifier-free guidance
-            latents = scheduler.step(eps, t, latents).prev_sample
-            if callback is not None:
-                callback(i + 1, len(timesteps))
+        latents = denoise(scheduler, latents, timesteps, guided_eps, callback=callback)
 
     # 6. Decode
     return decode(vae, latents)
-
-
-def decode(vae, latents: torch.Tensor) -> list[Image.Image]:
-    pixels = vae.decode(latents / vae.config.scaling_factor).sample.float()
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
-
-
-def partial_timesteps(scheduler, strength: float) -> torch.Tensor:
-    """The last `strength` share of the scheduler's timesteps (at least one): where image-to-image starts."""
-    steps = len(scheduler.timesteps)
-    return scheduler.timesteps[steps - max(1, int(round(steps * strength))):]
-
-
-def encode_image(vae, image: Image.Image) -> torch.Tensor:
-    """(1, C, h, w) latents of an RGB image (the distribution's mode, scaled as the UNet sees them)."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    pixels = pixels.to(vae.device, vae.dtype)
-    return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor

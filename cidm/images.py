@@ -283,6 +283,14 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
 
 
+
+def fit_model_side(image: Image.Image, side: int, multiple: int) -> Image.Image:
+    """The image resized so that its longer side is `side`, both sides multiples of `multiple` (the VAE's factor)."""
+    w, h = image.size
+    scale = side / max(w, h)
+    size = tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (w, h))
+    return image if size == (w, h) else image.resize(size, Image.Resampling.LANCZOS)
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
     if image.mode != "RGB":

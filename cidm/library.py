@@ -5,7 +5,12 @@
     <name>/tokens.safetensors         layer-wise token embeddings (n_slots · L, D)
     <name>/images/*.png               the reference images
     <name>/README.md                  model card
-    task_shared-*.safetensors         R2's W_* and every task's H_i (the file the manifest names)
+    <name>/<method's files>           what the library's method keeps per concept (EWC's Fisher, LFS's context)
+    task_shared-*.safetensors         the method's state kept once per library (CIDM: R2's W_* and every task's
+                                      H_i), the file the manifest names
+    forgetting/after-<t>/             every concept re-generated after task t, and its scores
+
+This module owns every file format of the library; the rest of the package hands it tensors, images and records.
 
 Every change is atomic: files are written into a staging folder beside the concepts, moved into place, and the
 change becomes real only when `library.json` is replaced (`os.replace`). A crash or kill at any moment leaves the
@@ -27,20 +32,32 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
+from huggingface_hub import ModelCard, ModelCardData
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .lora import LORA_FILE, LoRAWeights
+from .templates import card_prompt
 
 MANIFEST = "library.json"
 FORMAT = 1
+TOKENS_FILE = "tokens.safetensors"
+CARD_FILE = "README.md"
+IMAGES = "images"
+FORGETTING = "forgetting"
 NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 NAME_HELP = ("1–40 characters: lower-case letters a–z, digits, '-' and '_', starting with a letter or digit "
              "(no spaces, no path separators, no '..'; not 'forgetting')")
-RESERVED = ("forgetting",)  # folders of a library that are not concepts (`Studio.regenerate_all` writes there)
+RESERVED = (FORGETTING,)  # folders of a library that are not concepts (`write_forgetting` writes there)
 TASK_SHARED_RULE = re.compile(r"^task_shared-[0-9a-f]{8}\.safetensors$")
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT = 60.0  # seconds a writer waits for another one before giving up with a clear error
 MAX_CONCEPTS = int(os.environ.get("CIDM_MAX_CONCEPTS", "50"))  # concepts one library may hold
 MAX_MANIFEST_BYTES = 4 * 2 ** 20  # a library.json larger than this is refused before it is parsed
-CONCEPT_FILES = ("tokens.safetensors", "pytorch_lora_weights.safetensors")  # what marks a folder as a concept
+CONCEPT_FILES = (TOKENS_FILE, LORA_FILE)  # what marks a folder as a concept
 
 
 class LibraryError(ValueError):
@@ -109,12 +126,91 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# file formats
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def read_tensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def write_lora(folder: Path, lora: LoRAWeights, adapter_config: dict) -> Path:
+    """A task's LoRA as diffusers writes one (`pipe.load_lora_weights(folder)` reads it): keys
+    `unet.<module>.lora.{down,up}.weight`, and peft's settings under `lora_adapter_metadata`."""
+    tensors = {}
+    for module in lora.modules:
+        tensors[f"unet.{module}.lora.up.weight"] = lora.up[module]
+        tensors[f"unet.{module}.lora.down.weight"] = lora.down[module]
+    config = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in adapter_config.items()}
+    path = Path(folder) / LORA_FILE
+    write_tensors(path, tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2,
+                                                                                      sort_keys=True)})
+    return path
+
+
+def read_lora(folder: Path, device="cpu") -> LoRAWeights:
+    """Read a diffusers-format LoRA file (keys `unet.<module>.lora.{down,up}.weight`)."""
+    tensors, meta = read_tensors(Path(folder) / LORA_FILE, device)
+    up, down = {}, {}
+    for key, tensor in tensors.items():
+        module = key.removeprefix("unet.")
+        if module.endswith(".lora.up.weight"):
+            up[module.removesuffix(".lora.up.weight")] = tensor.float()
+        elif module.endswith(".lora.down.weight"):
+            down[module.removesuffix(".lora.down.weight")] = tensor.float()
+    config = {k.removeprefix("unet."): v for k, v in json.loads(meta.get("lora_adapter_metadata", "{}")).items()}
+    rank = next(iter(down.values())).shape[0]
+    return LoRAWeights(up=up, down=down, scale=config.get("lora_alpha", rank) / config.get("r", rank))
+
+
+def write_images(folder: Path, pixels: torch.Tensor) -> None:
+    """Images (N, 3, H, W) in [-1, 1] as `0.png`, `1.png`, …"""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(pixels):
+        array = ((p.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(folder / f"{i}.png")
+
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# `<{{ name }}>`: a CIDM concept
+
+A {{ kind }} concept learned with [CIDM Studio](https://github.com/) (Concept-Incremental text-to-image Diffusion,
+Dong et al., NeurIPS 2024) on `{{ base_model }}`. Class word: `{{ class_word }}`.
+
+Write `<{{ name }}>` in a prompt, for example: `{{ instance_prompt }}`.
+
+- `pytorch_lora_weights.safetensors`: the concept's LoRA on the UNet cross-attention (diffusers format;
+  `pipe.load_lora_weights(folder)` loads it).
+- `tokens.safetensors`: the layer-wise token embeddings (one per cross-attention layer and token slot). With only the
+  LoRA and no tokens, a plain pipeline does not know the word `<{{ name }}>`; CIDM Studio loads both.
+- `images/`: the reference images it was learned from.
+"""
+
+
+def concept_card(name: str, class_word: str, kind: str, base_model: str) -> ModelCard:
+    prompt = card_prompt(name, kind)
+    data = ModelCardData(base_model=base_model if "/" in base_model and not base_model.startswith("/") else None,
+                         tags=["text-to-image", "diffusers", "lora", "cidm"], library_name="diffusers",
+                         instance_prompt=prompt)
+    return ModelCard.from_template(data, template_str=CARD_TEMPLATE, name=name, kind=kind, class_word=class_word,
+                                   base_model=base_model, instance_prompt=prompt)
+
+
 class Library:
     """A concept library on disk (created on first write)."""
 
     def __init__(self, root: str | Path, read_only: bool = False):
         """`read_only`: only read the manifest (safe beside a writer in another thread; nothing is swept)."""
         self.root = Path(root).expanduser()
+        self.read_only = read_only
         self._lock: FileLock | None = None
         self.manifest = self._read()
         if not read_only:
@@ -141,9 +237,11 @@ class Library:
         return data
 
     def reload(self) -> None:
-        """Read the manifest again (another writer may have changed it) and sweep what interrupted writes left."""
+        """Read the manifest again (another writer may have changed it) and, unless read-only, sweep what interrupted
+        writes left."""
         self.manifest = self._read()
-        self._sweep()
+        if not self.read_only:
+            self._sweep()
 
     @contextlib.contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT):
@@ -223,8 +321,8 @@ class Library:
 
     def images(self, name: str) -> list[Path]:
         """A concept's reference images (files inside the library only)."""
-        folder = self.concept_dir(name) / "images"
-        return [p for p in sorted(folder.glob("*")) if p.is_file() and _is_inside(self.root, p)]
+        folder = self.concept_dir(name) / IMAGES
+        return [p for p in sorted(folder.glob("*.png")) if p.is_file() and _is_inside(self.root, p)]
 
     @property
     def task_shared_file(self) -> Path | None:
@@ -235,7 +333,7 @@ class Library:
         """Every file that belongs to the library, relative to its root: the manifest, the model card, the
         task-shared state, the concept folders it names and the stored re-generations. Nothing else (no staging,
         lock or temporary files, nothing that resolves outside the library)."""
-        top = [MANIFEST, "README.md", self.manifest.get("task_shared")]
+        top = [MANIFEST, CARD_FILE, self.manifest.get("task_shared")]
         out = [f for f in top if f and (self.root / f).is_file() and _is_inside(self.root, self.root / f)]
         for folder in [*self.manifest["tasks"], *RESERVED]:
             base = self.root / folder
@@ -258,6 +356,52 @@ class Library:
                 except OSError:
                     shutil.copy2(self.root / rel, dest / rel)
         return names
+
+    def read_tokens(self, name: str) -> torch.Tensor:
+        return read_tensors(self.concept_dir(name) / TOKENS_FILE)[0]["embeddings"]
+
+    def read_lora(self, name: str, device="cpu") -> LoRAWeights:
+        return read_lora(self.concept_dir(name), device)
+
+    def _concept_file(self, name: str, file: str) -> Path | None:
+        """A file kept beside a concept, if it is there and stays inside the library."""
+        path = self.concept_dir(name) / file
+        return path if path.is_file() and _is_inside(self.root, path) else None
+
+    def read_tensors(self, name: str, file: str) -> dict[str, torch.Tensor] | None:
+        """A method's tensors kept beside a concept, or None where it kept none."""
+        path = self._concept_file(name, file)
+        return read_tensors(path)[0] if path is not None else None
+
+    def read_image(self, name: str, file: str) -> Image.Image | None:
+        """A method's image kept beside a concept, or None where it kept none."""
+        path = self._concept_file(name, file)
+        return Image.open(path).convert("RGB") if path is not None else None
+
+    def reference_images(self, name: str) -> list[Image.Image]:
+        return [Image.open(p).convert("RGB") for p in self.images(name)]
+
+    def read_task_shared(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The method's state kept once per library (tensors, metadata), or None."""
+        path = self.task_shared_file
+        return read_tensors(path) if path is not None and path.exists() else None
+
+    def forgetting(self, metric: str = "ia") -> dict:
+        """{after_task: {concept: score}} from what was stored as tasks were learned; metric "ia" or "ta"."""
+        out = {}
+        for f in sorted((self.root / FORGETTING).glob("after-*/scores.json")):
+            data = json.loads(f.read_text())
+            out[data["after_task"]] = data.get(metric, {})
+        return out
+
+    def write_forgetting(self, task: int, images: dict[str, dict[int, Image.Image]], scores: dict) -> None:
+        """Every concept's images re-generated after `task` (by seed), and their scores."""
+        folder = inside(self.root, self.root / FORGETTING / f"after-{task:02d}")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, by_seed in images.items():
+            for seed, image in by_seed.items():
+                image.save(folder / f"{name}-{seed}.png")
+        (folder / "scores.json").write_text(json.dumps({"after_task": task, **scores}, indent=1))
 
     def check_base(self, base_model: str, n_layers: int) -> None:
         """Refuse to use a library with another base model than the one it was learned on."""
@@ -289,12 +433,29 @@ class Library:
             shutil.rmtree(path, ignore_errors=True)
             live.release()
 
+    def stage_concept(self, stage: Path, name: str, token_rows: torch.Tensor, token_meta: dict, lora: LoRAWeights,
+                      lora_config: dict, pixels: torch.Tensor, card: dict, method_files: dict) -> Path:
+        """Write a new concept's folder inside a staging folder: tokens, LoRA, reference images, card, and the
+        method's files (tensors as safetensors, images as PNG)."""
+        folder = stage / name
+        folder.mkdir()
+        write_tensors(folder / TOKENS_FILE, {"embeddings": token_rows.float()}, token_meta)
+        write_lora(folder, lora, lora_config)
+        write_images(folder / IMAGES, pixels)
+        concept_card(**card).save(folder / CARD_FILE)
+        for file, content in method_files.items():
+            if isinstance(content, Image.Image):
+                content.save(folder / file)
+            else:
+                write_tensors(folder / file, content)
+        return folder
+
     def check_new(self, name: str, replace: bool = False) -> None:
         _check_new(self.manifest, name, replace)
 
     def commit_concept(self, name: str, staged: Path, record: dict, base: dict, method: str, settings: dict,
-                       task_shared: Path | None, replace: bool = False) -> None:
-        """Move a staged concept folder into place and publish it (and the new task-shared state) in the manifest.
+                       state: tuple[dict, dict] | None, replace: bool = False) -> None:
+        """Move a staged concept folder into place and publish it (and the method's new state) in the manifest.
 
         Under the lock, on the manifest as it is on disk now. A replaced concept is kept in `.trash-<name>-<commit>`
         until the new manifest is published, and put back if anything fails before that."""
@@ -304,21 +465,16 @@ class Library:
             if manifest["base_model"] is None:
                 manifest.update(base_model=base, method=method, settings=settings)
             commit = uuid.uuid4().hex
-            target = self.root / name
-            trash = self.root / f".trash-{name}-{commit}"
-            shared_name = f"task_shared-{commit[:8]}.safetensors" if task_shared is not None else None
-            old_shared = manifest.get("task_shared")
-            moved = {"old": False, "new": False, "shared": False}
+            target, trash = self.root / name, self.root / f".trash-{name}-{commit}"
+            old_state = manifest.get("task_shared")
+            moved = {"old": False, "new": False}
             try:
                 if target.exists() or target.is_symlink():  # a replaced concept, or a leftover not in the manifest
                     os.replace(target, trash)
                     moved["old"] = True
                 os.replace(staged, target)
                 moved["new"] = True
-                if shared_name is not None:
-                    os.replace(task_shared, self.root / shared_name)
-                    moved["shared"] = True
-                    manifest["task_shared"] = shared_name
+                self._write_state(manifest, state)
                 manifest["concepts"][name] = {
                     **record, "name": name, "task": len(manifest["tasks"]) + 1, "commit": commit,
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -326,39 +482,52 @@ class Library:
                     manifest["tasks"].append(name)
                 _write_json_atomic(self.root / MANIFEST, manifest)  # the change becomes real here
             except BaseException:
-                if moved["shared"]:
-                    (self.root / shared_name).unlink(missing_ok=True)
+                if manifest.get("task_shared") not in (None, old_state):
+                    (self.root / manifest["task_shared"]).unlink(missing_ok=True)
                 if moved["new"]:
                     _remove(target)
                 if moved["old"]:
                     os.replace(trash, target)
                 raise
-            self.manifest = manifest
+            self._published(manifest, old_state)
             if moved["old"]:
                 _remove(trash)
-            if task_shared is not None and old_shared and old_shared != shared_name:
-                (self.root / old_shared).unlink(missing_ok=True)
 
-    def delete(self, name: str, task_shared: Path | None = None) -> None:
+    def delete(self, name: str, state: tuple[dict, dict] | None = None) -> None:
+        """Remove a concept and publish the method's state without it, on the manifest as it is on disk now."""
         with self.lock():
             self.manifest = manifest = self._read()
             self.record(name)
             del manifest["concepts"][name]
             manifest["tasks"].remove(name)
-            old_shared = manifest.get("task_shared")
-            if task_shared is not None:
-                shared_name = f"task_shared-{uuid.uuid4().hex[:8]}.safetensors"
-                os.replace(task_shared, self.root / shared_name)
-                manifest["task_shared"] = shared_name
-            elif not manifest["tasks"]:
-                manifest["task_shared"] = None
+            old_state = self._write_state(manifest, state)
             if not manifest["tasks"]:
-                manifest.update(base_model=None, method=None, settings={})
-            _write_json_atomic(self.root / MANIFEST, manifest)
-            self.manifest = manifest
+                manifest.update(base_model=None, method=None, settings={}, task_shared=None)
+            self._publish(manifest, old_state)
             _remove(self.root / name)
-            if old_shared and old_shared != manifest.get("task_shared"):
-                (self.root / old_shared).unlink(missing_ok=True)
+
+    def _write_state(self, manifest: dict, state: tuple[dict, dict] | None) -> str | None:
+        """Write the method's new library-wide state under a fresh name and point `manifest` at it (nothing is
+        published yet); returns the file named before."""
+        old = manifest.get("task_shared")
+        if state is None:
+            return old
+        name = f"task_shared-{uuid.uuid4().hex[:8]}.safetensors"
+        tmp = self.root / f".{name}.tmp"
+        write_tensors(tmp, *state)
+        os.replace(tmp, self.root / name)
+        manifest["task_shared"] = name
+        return old
+
+    def _publish(self, manifest: dict, old_state: str | None = None) -> None:
+        """Replace the manifest (atomic), then remove the state file it no longer names."""
+        _write_json_atomic(self.root / MANIFEST, manifest)
+        self._published(manifest, old_state)
+
+    def _published(self, manifest: dict, old_state: str | None) -> None:
+        self.manifest = manifest
+        if old_state and old_state != manifest.get("task_shared"):
+            (self.root / old_state).unlink(missing_ok=True)
 
     def update_record(self, name: str, **fields) -> None:
         """Add fields (e.g. scores) to a concept's record."""
@@ -366,8 +535,7 @@ class Library:
             self.manifest = manifest = self._read()
             self.record(name)
             manifest["concepts"][name].update(fields)
-            _write_json_atomic(self.root / MANIFEST, manifest)
-            self.manifest = manifest
+            self._publish(manifest)
 
 
 def _check_new(manifest: dict, name: str, replace: bool) -> None:

@@ -1,16 +1,14 @@
 """Per-task LoRA on the UNet's cross-attention projections, through peft, saved in the diffusers LoRA format.
 
 Naming, once: the paper writes ΔW = A·B with A ∈ R^{out×r} (the "concept subspace") and B ∈ R^{r×in}.
-peft calls A `lora_B` and B `lora_A`; the diffusers file calls them `lora.up` and `lora.down`.
+peft calls A `lora_B` and B `lora_A`; the diffusers file calls them `lora.up` and `lora.down` (library.write_lora).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 LORA_TARGETS = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # cross-attention q, k, v, out of every layer
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -58,37 +56,7 @@ def live_weights(unet, name: str) -> LoRAWeights:
                        down={n: m.lora_A[name].weight for n, m in mods.items()}, scale=scale)
 
 
-def save_lora(pipe, name: str, folder: Path) -> Path:
-    """Write the adapter as `pytorch_lora_weights.safetensors` that a plain `pipe.load_lora_weights` reads."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=name))
-    type(pipe).save_lora_weights(folder, unet_lora_layers=state,
-                                 unet_lora_adapter_metadata=pipe.unet.peft_config[name].to_dict())
-    return Path(folder) / LORA_FILE
-
-
 def remove_lora(unet) -> None:
     """Take every peft layer off the UNet (back to plain Linear modules and the base weights)."""
     if getattr(unet, "peft_config", None):
         unet.unload_lora()
-
-
-def load_lora(folder: Path, device="cpu") -> LoRAWeights:
-    """Read a diffusers-format LoRA file (keys `unet.<module>.lora.{down,up}.weight`)."""
-    import json
-
-    up, down = {}, {}
-    with safe_open(str(Path(folder) / LORA_FILE), "pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        for key in f.keys():
-            module = key.removeprefix("unet.")
-            if module.endswith(".lora.up.weight"):
-                up[module.removesuffix(".lora.up.weight")] = f.get_tensor(key).float()
-            elif module.endswith(".lora.down.weight"):
-                down[module.removesuffix(".lora.down.weight")] = f.get_tensor(key).float()
-    config = json.loads(meta.get("lora_adapter_metadata", "{}"))
-    rank = next(iter(down.values())).shape[0]
-    scale = config.get("lora_alpha", rank) / config.get("r", rank)
-    return LoRAWeights(up=up, down=down, scale=scale)

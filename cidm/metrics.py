@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from .models import load_evaluator
+
 
 class Evaluator:
     """A CLIP model with its own preprocessing (the toy evaluator's 64 px or OpenAI ViT-B/32's 224 px)."""
 
     def __init__(self, source: str, device: str = "cpu"):
         from transformers import CLIPImageProcessor
-
-        from .models import load_evaluator
 
         self.clip, self.tokenizer = load_evaluator(source, device)
         self.processor = CLIPImageProcessor.from_pretrained(source)
@@ -46,3 +46,21 @@ def text_alignment(evaluator: Evaluator, generated: list[Image.Image], texts: li
     """TA ×100: CLIPScore 2.5·max(cos, 0), each image against its own text."""
     g, t = evaluator.image_embeddings(generated), evaluator.text_embeddings(texts)
     return 100.0 * (2.5 * (g * t).sum(-1).clamp(min=0)).mean().item()
+
+
+def identity_confusion(evaluator: Evaluator, generated: dict[str, list[Image.Image]],
+                       references: dict[str, list[Image.Image]]) -> dict[str, dict[str, float]]:
+    """Which learned concept the evaluator sees in each concept's images: {prompted: {recognised: share}}.
+
+    An image is recognised as the concept whose reference images it is nearest to on average (mean cosine), among
+    the concepts in `references`; the diagonal is how often each concept is *identified*.
+    """
+    names = list(references)
+    refs = [evaluator.image_embeddings(references[n]) for n in names]
+    out = {}
+    for name, images in generated.items():
+        emb = evaluator.image_embeddings(images)
+        scores = torch.stack([(emb @ r.T).mean(1) for r in refs], 1)  # (images, concepts)
+        picks = scores.argmax(1).tolist()
+        out[name] = {n: picks.count(i) / len(picks) for i, n in enumerate(names)}
+    return out

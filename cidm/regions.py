@@ -17,12 +17,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .attention import install_processors
 from .ewa import merged
-from .generate import GenerateConfig, decode, encode_image, layer_weights, partial_timesteps
+from .generate import GenerateConfig, layer_weights
+from .images import load_image
+from .sampling import (classifier_free_guidance, decode, denoise, encode_image, initial_latents, latent_size,
+                       partial_timesteps, predict_noise, vae_scale)
 
 MAX_REGIONS = 8
 
@@ -112,11 +116,9 @@ def compose(pipe, tokens, loras, prompt: str, regions: list[Region], negative_pr
     config = config or GenerateConfig()
     unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
     device, dtype = unet.device, unet.dtype
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    height = config.height or unet.config.sample_size * scale
-    width = config.width or unet.config.sample_size * scale
 
     # 1. Check inputs
+    height, width, scale = latent_size(pipe, config.height, config.width)
     if not prompt or not prompt.strip():
         raise ValueError("the global prompt is empty; describe the whole scene, e.g. 'a photo on a beach'")
     if not regions:
@@ -155,23 +157,16 @@ def compose(pipe, tokens, loras, prompt: str, regions: list[Region], negative_pr
             v = torch.stack([neg[l][1]] + [pos[l][1]] * (U + 1)).repeat_interleave(n, 0)
             kv[l] = (k, v)
 
-        # 5. Denoising loop
-        generator = torch.Generator().manual_seed(config.seed)
-        latents = torch.randn((n, unet.config.in_channels, height // scale, width // scale),
-                              generator=generator).to(device, dtype)
-        scheduler.set_timesteps(config.steps, device=device)
-        latents = latents * scheduler.init_noise_sigma
-        for i, t in enumerate(scheduler.timesteps):
-            x = scheduler.scale_model_input(latents.repeat(U + 2, 1, 1, 1), t)
-            eps = unet(x, t, encoder_hidden_states=text[:, 0],
-                       cross_attention_kwargs={"layerwise_text": text, "region_masks": batch_masks,
-                                               "region_kv": kv}).sample
+        # 5. Denoising loop: one UNet call over the U+2 conditionings, then Eq. 5
+        def guided_eps(x, t):
+            eps = predict_noise(unet, x.repeat(U + 2, 1, 1, 1), t, text, region_masks=batch_masks, region_kv=kv)
             eps = eps.view(U + 2, n, *eps.shape[1:])
-            eps = region_noise_estimation(eps[0], eps[1], eps[2:].transpose(0, 1), masks, config.guidance, alpha,
-                                          region_noise)
-            latents = scheduler.step(eps, t, latents).prev_sample
-            if callback is not None:
-                callback(i + 1, config.steps)
+            return region_noise_estimation(eps[0], eps[1], eps[2:].transpose(0, 1), masks, config.guidance, alpha,
+                                           region_noise)
+
+        scheduler.set_timesteps(config.steps, device=device)
+        latents = initial_latents(pipe, scheduler, n, height, width, torch.Generator().manual_seed(config.seed))
+        latents = denoise(scheduler, latents, scheduler.timesteps, guided_eps, callback=callback)
 
     # 6. Decode
     return decode(vae, latents)
@@ -184,14 +179,10 @@ def edit(pipe, tokens, loras, image, box, prompt: str, negative_prompt: str = ""
     back at every step (masked latent blending), then compositing in pixels on the latent-cell grid: the VAE decoder
     (its mid-block attention sees the whole latent) would otherwise change pixels outside the box too, so outside
     the box the result is the input image, exactly."""
-    import numpy as np
-
-    from .images import load_image
-
     config = config or GenerateConfig()
     unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
     device, dtype = unet.device, unet.dtype
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_scale(vae)
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if not prompt or not prompt.strip():
@@ -216,15 +207,16 @@ def edit(pipe, tokens, loras, image, box, prompt: str, negative_prompt: str = ""
     timesteps = partial_timesteps(scheduler, strength)
     noise = torch.randn(z0.shape, generator=generator).to(device, dtype)
     latents = scheduler.add_noise(z0, noise, timesteps[:1])
+
+    def guided_eps(x, t):
+        return classifier_free_guidance(*predict_noise(unet, torch.cat([x, x]), t, text).chunk(2), config.guidance)
+
+    def blend(i, latents):  # outside the box: the image, at this step's noise level
+        known = z0 if i == len(timesteps) - 1 else scheduler.add_noise(z0, noise, timesteps[i + 1:i + 2])
+        return mask * latents + (1 - mask) * known
+
     with merged(unet, layers, list(loras.values()), weights):
-        for i, t in enumerate(timesteps):
-            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps = unet(x, t, encoder_hidden_states=text[:, 0], cross_attention_kwargs={"layerwise_text": text}).sample
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + config.guidance * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents).prev_sample
-            known = z0 if i == len(timesteps) - 1 else scheduler.add_noise(z0, noise, timesteps[i + 1:i + 2])
-            latents = mask * latents + (1 - mask) * known  # outside the box: the image, at this noise level
+        latents = denoise(scheduler, latents, timesteps, guided_eps, after_step=blend)
     generated = np.asarray(decode(vae, latents)[0])
     inside = np.kron(mask.cpu().numpy(), np.ones((scale, scale)))[..., None] > 0.5  # latent cells, in pixels
     return Image.fromarray(np.where(inside, generated, np.asarray(image)))

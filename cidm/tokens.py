@@ -16,6 +16,8 @@ import re
 import torch
 from torch import nn
 
+from .templates import OBJECT_TEMPLATES
+
 CONCEPT_REF = re.compile(r"<([^<>\s]+)>")  # `<name>` in a prompt
 
 
@@ -223,7 +225,7 @@ class ConceptTokens:
         n_slots = self.slots[name]
         if space == "token":
             return self.rows(name).detach().view(n_slots, self.n_layers, -1)
-        template = "a photo of a {}"
+        template = OBJECT_TEMPLATES[0]
         hidden = self.encode([template.format(f"<{name}>")])[0, :self.n_layers]  # (L, N, D)
         first = len(self.pipe.tokenizer(template.format("x")).input_ids) - 2  # the concept's first slot
         return hidden[:, first:first + n_slots].transpose(0, 1)

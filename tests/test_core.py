@@ -9,7 +9,7 @@ import torch
 from cidm import models
 from cidm.ewa import elastic_weights, ewa_weights, merged
 from cidm.library import Library, LibraryError, validate_name
-from cidm.lora import LoRAWeights, load_lora
+from cidm.lora import LoRAWeights
 from cidm.losses import TaskSharedKnowledge, orthogonal_subspace_loss
 from cidm.studio import Studio
 from cidm.toyworld import concepts as C
@@ -195,13 +195,13 @@ def test_r2_over_modules_of_several_shapes_equals_the_dense_sum():
 
 
 def test_r2_state_survives_a_round_trip(studio):
-    from cidm.studio import load_shared
+    from cidm.methods.cidm import read_task_shared
 
-    saved = load_shared(studio.library.task_shared_file)
+    saved = read_task_shared(studio.library)
     assert saved.tasks == ["medic", "bolt", "pixelart"]
     for name in saved.tasks:
         assert saved.task_shared_loss(name, studio.loras[name]).item() == pytest.approx(
-            studio.shared.task_shared_loss(name, studio.loras[name]).item(), rel=1e-5)
+            studio.method.shared.task_shared_loss(name, studio.loras[name]).item(), rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------

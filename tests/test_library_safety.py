@@ -14,7 +14,8 @@ from PIL import Image
 
 from cidm import library as library_mod
 from cidm.library import Library, LibraryError
-from cidm.studio import Studio, load_shared
+from cidm.methods.cidm import read_task_shared
+from cidm.studio import Studio
 from test_core import base, learn  # noqa: F401  (module fixture, helper)
 
 
@@ -139,7 +140,7 @@ def test_two_studios_learning_at_once_on_one_library_both_keep_their_concept(bas
     assert not errors
     lib = Library(root)
     assert sorted(lib.names) == ["bolt", "donut", "medic"]
-    shared = load_shared(lib.task_shared_file)
+    shared = read_task_shared(lib)
     assert sorted(shared.tasks) == ["bolt", "donut", "medic"]  # R2's state of every task survived
     leftovers = sorted(p.name for p in root.iterdir())
     assert leftovers == sorted([".lock", "library.json", "medic", "bolt", "donut", lib.manifest["task_shared"]])

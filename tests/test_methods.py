@@ -108,15 +108,15 @@ def test_a_library_keeps_its_method(base, tmp_path):
 
 
 def test_ewc_stores_a_cumulative_fisher_and_pulls_towards_the_previous_lora(base, tmp_path):
-    from cidm.studio import load_fisher
+    from cidm.methods.ewc import read_fisher
 
     studio = fresh(base, tmp_path / "ewc", "ewc")
     studio.record_forgetting = False
     learn(studio, "medic", steps=2)
-    first = load_fisher(studio.library.concept_dir("medic"))
+    first = read_fisher(studio.library, "medic")
     assert first and all((v >= 0).all() for v in first.values()) and any(v.sum() > 0 for v in first.values())
     learn(studio, "bolt", steps=2)
-    second = load_fisher(studio.library.concept_dir("bolt"))
+    second = read_fisher(studio.library, "bolt")
     assert all((second[k] >= first[k] - 1e-12).all() for k in first)  # cumulative
 
 
@@ -141,8 +141,26 @@ def test_lfs_distils_from_the_teacher_and_generates_from_each_concepts_vision_co
     assert all((lfs.library.concept_dir(n) / "context.png").exists() for n in ("medic", "bolt"))
     assert not (plain.library.concept_dir("medic") / "context.png").exists()
     # a prompt naming <medic> starts from medic's vision context: the less it is re-noised, the closer it stays
-    context = np.asarray(lfs.contexts["medic"], float)
+    context = np.asarray(lfs.method.contexts["medic"], float)
     near = np.asarray(lfs.generate("a photo of a <medic>", steps=10, seed=1, context_strength=0.1)[0], float)
     far = np.asarray(lfs.generate("a photo of a <medic>", steps=10, seed=1, context_strength=1.0)[0], float)
     assert np.abs(near - context).mean() < np.abs(far - context).mean()
-    assert set(Studio(lfs.library.root, pipe=lfs.pipe, info=base[1]).contexts) == {"medic", "bolt"}
+    assert set(Studio(lfs.library.root, pipe=lfs.pipe, info=base[1]).method.contexts) == {"medic", "bolt"}
+
+
+@pytest.mark.parametrize("method", ["lwf", "lfs"])
+def test_teachers_prompt_an_earlier_style_with_a_style_template(base, tmp_path, method):
+    studio = fresh(base, tmp_path / method, method)
+    studio.record_forgetting = False
+    learn(studio, "pixelart", steps=1)  # a style concept first
+    prompts, encode = [], studio.tokens.encode
+
+    def recording(batch):
+        prompts.extend(batch)
+        return encode(batch)
+
+    studio.tokens.encode = recording
+    settings = {"lfs_refresh": 1, "lfs_trajectory_steps": 2} if method == "lfs" else {}
+    learn(studio, "medic", steps=2, **settings)  # the teacher's second trajectory is the earlier concept's
+    assert "a picture in <pixelart> style" in prompts
+    assert not any("a photo of a <pixelart>" in p for p in prompts)

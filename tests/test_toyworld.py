@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cidm import models
-from cidm.bench import EXAMPLES
+from cidm.bench.results import EXAMPLES
 from cidm.toyworld import concepts as C
 from cidm.toyworld import quality
 
@@ -39,8 +39,8 @@ def test_tokenizer_is_rebuilt_exactly_from_the_world_words():
 
     shipped = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
     assert build_tokenizer().get_vocab() == shipped.get_vocab()
-    ids = shipped("a photo of a striped orange star in the snow").input_ids
-    assert len(ids) == 12  # one token per word (10), plus BOS and EOS
+    ids = shipped("a close-up photo of an orange star with black stripes in the snow").input_ids
+    assert len(ids) == 16  # one token per word (12; "close-up" is three), plus BOS and EOS
 
 
 def test_default_base_without_gpu_is_the_embedded_model(monkeypatch):
@@ -48,19 +48,19 @@ def test_default_base_without_gpu_is_the_embedded_model(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("with CUDA the default is SD-1.5")
     pipe, info = models.load_base()
-    assert info.source == str(MODEL) and info.num_cross_attn_layers == 7 and info.resolution == 64
+    assert info.source == str(MODEL) and info.num_cross_attn_layers == 4 and info.resolution == 64
     assert info.evaluator == str((MODEL / "evaluator").resolve())
 
 
 def test_evaluator_reads_world_images(evaluator):
     acc = quality.evaluator_accuracy(*evaluator, n=96, seed=quality.HELD_OUT_SEED + 77)
-    assert acc["colour"] >= 0.8 and acc["context"] >= 0.8, acc
+    assert min(acc.values()) >= 0.8, acc  # chance: 1/6 shape, 1/12 colours, 1/9 inner part, 1/18 context
 
 
 def test_generated_images_follow_their_prompts_above_chance(pipe, evaluator):
     acc, images, prompts = quality.generator_accuracy(pipe, *evaluator, n=24, steps=10, batch_size=24)
     assert images.shape == (24, 64, 64, 3)
-    assert acc["colour"] >= 0.4, acc  # chance is 1/8
+    assert acc["colour"] >= 0.4 and acc["inner"] >= 0.3, acc  # chance is 1/12 and 1/9
 
 
 def test_concept_set_follows_the_protocol():
@@ -85,7 +85,7 @@ def test_concept_images_are_reproduced_exactly_by_the_generator():
 
 
 def test_methods_that_learn_alike_share_one_training_run(tmp_path):
-    from cidm.bench import run_methods_bench, training_groups
+    from cidm.bench.methods import run_methods_bench, training_groups
 
     groups = training_groups(["cidm", "lora-m", "finetune", "lora-c", "cidm-no-ewa", "cidm-code-psi",
                               "cidm-tokens-only", "cidm-no-r1"])
@@ -104,7 +104,7 @@ def test_methods_that_learn_alike_share_one_training_run(tmp_path):
 
 
 def test_a_methods_run_stopped_early_keeps_the_methods_it_finished(tmp_path, monkeypatch):
-    from cidm import bench
+    from cidm.bench import methods as bench
 
     real, calls = bench.run_sequence, []
 
@@ -122,7 +122,7 @@ def test_a_methods_run_stopped_early_keeps_the_methods_it_finished(tmp_path, mon
 
 
 def test_tuning_picks_the_weight_with_the_best_average_ia_on_the_tuning_sequence(tmp_path):
-    from cidm.bench import run_tuning
+    from cidm.bench.tuning import run_tuning
 
     report = run_tuning(tmp_path, ["ewc"], grid=(0.1, 10.0), steps=2, prompts=1, images=1, gen_steps=3)
     spec = json.loads((EXAMPLES / "concepts.json").read_text())
@@ -139,7 +139,7 @@ def test_tuning_picks_the_weight_with_the_best_average_ia_on_the_tuning_sequence
 
 
 def test_tuning_tries_each_methods_own_grid_and_text_settings(tmp_path, monkeypatch):
-    from cidm import bench
+    from cidm.bench import tuning as bench
 
     tried = []
 
@@ -157,7 +157,7 @@ def test_tuning_tries_each_methods_own_grid_and_text_settings(tmp_path, monkeypa
 
 
 def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
-    from cidm.bench import run_methods_bench
+    from cidm.bench.methods import run_methods_bench
 
     results = run_methods_bench(tmp_path, ["cidm", "lora-m"], tasks=2, steps=3, prompts=1, images=1, gen_steps=5)
     for name in ("results.md", "results.json", "ia_over_tasks.png", "ia_heatmap_cidm.png", "ia_heatmap_lora-m.png"):
@@ -171,7 +171,7 @@ def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
     ia = results["methods"]["cidm"]["ia"]
     assert fresh == pytest.approx([round(ia["medic"][1], 1), round(ia["bolt"][2], 1),
                                    round((ia["medic"][1] + ia["bolt"][2]) / 2, 1)], abs=0.051)
-    from cidm.bench import load_results, results_markdown
+    from cidm.bench.results import load_results, results_markdown
 
     again = load_results(tmp_path / "results.json")  # what the app's method comparison reads back
     assert results_markdown(again, again["protocol"]["tasks"]) == text
@@ -199,7 +199,7 @@ def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
 
 
 def test_method_runs_made_apart_merge_into_the_same_table(tmp_path):
-    from cidm.bench import merge_results, run_methods_bench
+    from cidm.bench.methods import merge_results, run_methods_bench
 
     kw = dict(tasks=2, steps=3, prompts=1, images=1, gen_steps=5)
     joint = run_methods_bench(tmp_path / "joint", ["cidm", "lora-m"], **kw)

@@ -1,4 +1,8 @@
-"""Measure the embedded toy-world models and write their model card (the figures the issue asks for)."""
+"""Measure the embedded toy-world models and write their model card (`python -m cidm.toyworld.card MODEL_DIR`).
+
+The identity figures (concepts learned one after another through the user's path, then recognised) come from
+`cidm bench --core`; the card shows the latest run's when its `core.json` is given.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from . import quality
 from .train import save_grid
@@ -32,12 +34,22 @@ def measure(model_dir: Path, n_eval: int = 1000, n_prompts: int = 200) -> dict:
     report["generator_prompt_following"] = acc
     save_grid(images[:64], model_dir / "samples.png")
     (model_dir / "samples.txt").write_text("\n".join(prompts[:64]) + "\n")
-    g = torch.Generator().manual_seed(0)
-    pipe(["a photo of a red star on a beach"] * 8, num_inference_steps=25, guidance_scale=5.0, generator=g)
-    t0 = time.perf_counter()
-    pipe(["a photo of a red star on a beach"] * 8, num_inference_steps=25, guidance_scale=5.0, generator=g)
-    report["seconds_8_images_25_steps"] = round(time.perf_counter() - t0, 2)
+    report["seconds_8_images_25_steps"] = speed(pipe)
+    report["model_folder_mb"] = round(sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()) / 2**20, 1)
     return report
+
+
+def speed(pipe, repeats: int = 3) -> float:
+    """Best of `repeats`: 8 images, 25 DDIM steps, guidance 5 (CFG: a batch of 16 per UNet call)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = ["a photo of a red star with a white circle on a beach"] * 8
+    pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=g)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=g)
+        times.append(time.perf_counter() - t0)
+    return round(min(times), 2)
 
 
 CARD = """---
@@ -45,77 +57,103 @@ library_name: diffusers
 tags: [text-to-image, diffusers, cidm, toy-world]
 ---
 
-# CIDM Studio's embedded toy world
+# CIDM Studio's embedded toy world (version 2)
 
-It is a complete text-to-image model, trained from scratch on a 2-core CPU. There are no downloads: the tokenizer, VAE,
-UNet and CLIP evaluator are all here. It lets CIDM Studio run on any machine through the same code path as Stable
-Diffusion: `StableDiffusionPipeline.from_pretrained(this folder)` and `CLIPModel.from_pretrained(this folder/evaluator)`.
+A complete text-to-image model, trained from scratch on a 2-core CPU, with no downloads: tokenizer, VAE, text encoder,
+UNet and a CLIP evaluator. CIDM Studio runs on it through the same code path as Stable Diffusion:
+`StableDiffusionPipeline.from_pretrained(this folder)` and `CLIPModel.from_pretrained(this folder/evaluator)`.
 
-- **World:** 64×64 procedural images (`cidm/toyworld/world.py`) of 6 shapes in 8 colours, in 6 scenes or on plain
-  backgrounds, with optional striped, dotted or outlined styles. Captions read like "a photo of a striped blue heart
-  in the snow".
-- **Tokenizer:** a `CLIPTokenizer` whose BPE gives one token per world word. It is built deterministically.
-- **VAE:** an `AutoencoderKL` mapping 64×64×3 to 4×16×16, at {vae_psnr} dB PSNR on held-out images.
-- **Evaluator:** a `CLIPModel` (ViT with patch 8 on 64 px; text width 128) trained contrastively with multi-positive
-  targets, shape-only captions and auxiliary linear probes (discarded). Half of each batch comes in groups of four
-  scenes that differ only in the shape: colour and context tell random scenes apart so easily that, without these
-  hard negatives, shape stayed near chance. Its text tower initialises the diffusion model's text encoder (SD uses
-  CLIP's), which then trains jointly with the UNet; the evaluator's later continuations change only the evaluator.
-- **UNet:** a `UNet2DConditionModel` ({unet_params:.2f} M parameters, channels {unet_channels}, {unet_heads}
-  attention heads) with 7 cross-attention layers at 16×16, 8×8 and 4×4. It is trained with the epsilon objective,
-  Min-SNR-5 weighting and 10 % empty captions. The shipped checkpoint is gated on measured prompt-following, not on
-  the loss. Shipped: {unet_weights} weights at step {unet_step}.
-- **Learning concepts on it:** `cidm_task_defaults.json` sets the LoRA learning rate to 1e-3. At the paper's 1e-4
-  (tuned for SD-1.5) a toy concept's LoRA stays near zero and only its tokens are learned.
+## The world
+64×64 procedural images (`cidm/toyworld/world.py`). A *glyph* is an outer shape (circle, square, triangle, star,
+heart, cross) in one of 12 colours, optionally with an inner part: a smaller shape in a second colour ("a white
+square with a red cross") or stripes or dots in a second colour ("an orange triangle with black stripes"). Glyphs sit
+in 6 scenes or on plain backgrounds, one or two per image, sometimes in a whole-image style (grayscale, blurred,
+inverted, pixelated). Captions name attributes coarsely; continuous details are left to the picture: the exact shade
+(hue and brightness jitter), the inner part's scale and offset, the stripes' angle and spacing, an unnamed third
+layer. Training captions often say less than the picture shows ("a photo of a square with a cross", "a painting in
+grayscale style"), and vary their opening ("a photo of", "a close-up photo of", "a picture of", …), so the learning
+templates are in the model's vocabulary.
+
+**Personal concepts stay personal.** About one in seven (shape, colour, inner part, inner colour) combinations, and
+every shipped concept's, never appear in base training (`world.is_personal`, tested). The base knows white squares,
+red crosses and squares with crosses, never a white square with a red cross: learning `<medic>` is learning a point
+near what the model knows, as learning *your* dog is for Stable Diffusion.
+
+## Parts
+- **Tokenizer:** a `CLIPTokenizer` whose BPE gives one token per world word, built deterministically.
+- **VAE:** `AutoencoderKL`, 64×64×3 → 4×16×16, {vae_psnr} dB PSNR on 256 held-out images.
+- **Evaluator:** `CLIPModel` (ViT, patch 8 on 64 px; text width 128), trained with a multi-positive contrastive loss
+  over captions naming random subsets of the attributes, groups of four images that differ in one attribute only
+  (hard negatives), and cross-entropy of each image against the zero-shot prompts of its attributes.
+- **Text encoder:** the evaluator's text tower (SD's is CLIP's too), trained on with the UNet.
+- **UNet:** `UNet2DConditionModel`, {unet_params:.2f} M parameters, channels {unet_channels}, cross-attention at 8×8
+  and 4×4 ({n_layers} layers), epsilon objective, Min-SNR-5, 10 % empty captions. The shipped checkpoint is the one
+  with the best measured prompt-following, not the lowest loss: {unet_weights} weights at step {unet_step}.
 
 ## Measured quality (held-out seeds)
 
-| measure | shape | colour | context |
-|---|---|---|---|
-| evaluator zero-shot accuracy, {n_eval} images | {ev_shape:.1%} | {ev_colour:.1%} | {ev_context:.1%} |
-| generator: evaluator finds the prompted attribute, {n_prompts} prompts, 25 DDIM steps, guidance 5 | {gen_shape:.1%} | {gen_colour:.1%} | {gen_context:.1%} |
+| measure | outer shape | outer colour | inner part | inner colour | context |
+|---|---|---|---|---|---|
+| evaluator zero-shot accuracy, {n_eval} images (target ≥ 95 % each) | {ev} |
+| generator: the evaluator finds the prompted attribute, {n_prompts} prompts, 25 DDIM steps, guidance 5 | {gen} |
 
-The targets are ≥ 95 % for the evaluator, and ≥ 80 % shape, ≥ 80 % colour and ≥ 70 % context for the generator.
-A batch of 8 images at 25 steps took {speed} s on this machine (2 CPU cores).
+Generator targets: outer shape ≥ 85 %, colour ≥ 90 %, inner part ≥ 75 %, inner colour ≥ 75 %, context ≥ 90 %.
+Inner colour counts only prompts with an inner part.
 
+Speed on this machine (2 CPU cores): 8 images at 25 steps in {speed} s. Folder size: {size} MB.
+{identity}
 ![samples](samples.png)
 
 ## How it was trained
 
-`python -m cidm toyworld train --out DIR`: {training}. Training resumes from this folder with `--resume-from`.
+`python -m cidm toyworld train --out DIR` (resumable: run it again to continue): {training}.
+"""
+
+IDENTITY = """
+## Learned concepts are recognisable
+
+The standard sequence learned one concept after another with CIDM's defaults through the user's path (`cidm learn`,
+no captions), each concept then generated with its evaluation prompts alone; *identified* when the evaluator ranks
+it first among all learned concepts of its kind (nearest references): **{overall:.1%}** of images (target ≥ 90 %).
+Per concept: {per_concept}. From `cidm bench --core` ({core}).
 """
 
 
-def write_card(model_dir: Path, report: dict) -> None:
-    info = json.loads((Path(model_dir) / "training.json").read_text())
+def write_card(model_dir: Path, report: dict, core: dict | None = None, core_path: str = "") -> None:
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / "training.json").read_text())
     ev, gen = report["evaluator_zero_shot"], report["generator_prompt_following"]
-    unet = info["unet"]["best"]
-    stages = [f"VAE {info['vae']['steps']} steps + {info.get('vae_finetune', {}).get('steps', 0)} fine-tuning steps",
-              f"evaluator {info['evaluator']['steps']} + {info.get('evaluator_more', {}).get('steps', 0)} steps",
-              *[f"evaluator continuation {i + 1}: {r['steps']} steps with shape groups"
-                f"{'' if r.get('shipped', True) else ' (not shipped: no better)'}"
-                for i, r in enumerate(info.get("evaluator_runs", []))],
-              f"UNet {info['unet']['steps']} steps (batch 32"
-              + ("; a new architecture trained from scratch with `--new-unet` on the tokenizer, VAE, evaluator and "
-                 "text encoder above)" if info.get("new_unet") else ")")]
-    unet_config = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
-    n_params = sum(t.numel() for t in load_file(str(Path(model_dir) / "unet" / "diffusion_pytorch_model.safetensors"))
-                   .values())
-    text = CARD.format(vae_psnr=info.get("vae_finetune", info["vae"])["psnr_db"], unet_weights=unet["weights"],
-                       unet_step=unet["step"], n_eval=1000, n_prompts=200, ev_shape=ev["shape"],
-                       ev_colour=ev["colour"], ev_context=ev["context"], gen_shape=gen["shape"],
-                       gen_colour=gen["colour"], gen_context=gen["context"],
-                       speed=report["seconds_8_images_25_steps"], training="; ".join(stages),
-                       unet_params=n_params / 1e6, unet_channels="/".join(map(str, unet_config["block_out_channels"])),
-                       unet_heads=unet_config["attention_head_dim"])
-    (Path(model_dir) / "README.md").write_text(text)
-    (Path(model_dir) / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    cols = ("shape", "colour", "inner", "inner_colour", "context")
+    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
+    weights = load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    n_params = sum(t.numel() for t in weights.values())
+    n_layers = sum(1 for k in weights if k.endswith("attn2.to_q.weight"))
+    stages = [f"VAE {info['vae']['steps']} steps", f"evaluator {info['evaluator']['steps']} steps",
+              f"UNet + text encoder {info['unet']['steps']} steps at batch {info['config']['unet_batch']}"]
+    identity = ""
+    if core and "identity" in core:
+        per = core["identity"]["per_concept"]
+        identity = IDENTITY.format(overall=core["identity"]["overall"], core=core_path,
+                                   per_concept=", ".join(f"`<{n}>` {v:.0%}" for n, v in per.items()))
+    text = CARD.format(vae_psnr=info["vae"]["psnr_db"], unet_weights=info["unet"]["best"]["weights"],
+                       unet_step=info["unet"]["best"]["step"], n_eval=1000, n_prompts=200,
+                       ev=" | ".join(f"{ev[c]:.1%}" for c in cols), gen=" | ".join(f"{gen[c]:.1%}" for c in cols),
+                       speed=report["seconds_8_images_25_steps"], size=report["model_folder_mb"],
+                       training="; ".join(stages), unet_params=n_params / 1e6, identity=identity,
+                       unet_channels="/".join(map(str, unet_config["block_out_channels"])),
+                       n_layers=n_layers)
+    (model_dir / "README.md").write_text(text)
+    (model_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
     import sys
 
     folder = Path(sys.argv[1])
+    core_file = Path(sys.argv[2]) if len(sys.argv) > 2 else None
     result = measure(folder)
     print(json.dumps(result, indent=1))
-    write_card(folder, result)
+    core_report = json.loads(core_file.read_text()) if core_file else None
+    write_card(folder, result, core_report, str(core_file or ""))

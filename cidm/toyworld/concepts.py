@@ -1,91 +1,155 @@
-"""Personal concepts of the toy world: things the base vocabulary cannot say exactly ("photos of my dog").
+"""Personal concepts of the toy world: specific instances that the base vocabulary can only say coarsely ("photos of
+my dog").
 
-Objects are composite glyphs (new colours, inner symbols, patterns); styles are whole-image palette + texture
-transforms. The base model never sees them. `write_examples()` renders their reference images and JSON spec into
-`examples/concepts/`, with the standard 10-task sequence (the paper's order: objects first, similar pairs later,
-styles at positions 6, 8 and 10) and a separate tuning sequence for choosing method weights.
+An object concept is one exact glyph (its shades, inner scale and offset, stripe angle, sometimes a third layer) whose
+named combination (shape, colour, inner part, inner colour) the base never saw (`world.is_personal`). A style concept
+is one point of a family of whole-image styles (a palette, a filter, a texture), none of which the base saw. Both
+kinds can also be drawn at random (`random_object`, `random_style`): new concepts of the same kind, for checking that
+what holds for the shipped ones is not tuned to them.
+
+`write_examples()` renders the shipped concepts' reference images and JSON spec into `examples/concepts/`, with the
+standard 10-task sequence (the paper's order: objects first, similar pairs later, styles at positions 6, 8 and 10)
+and a separate tuning sequence for choosing settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from . import world as W
-from .world import Layer
+from .world import Glyph, Layer
 
-PINK, BROWN, TEAL = (250, 140, 190), (110, 60, 30), (0, 150, 150)
-RED, WHITE, YELLOW, GREEN = W.COLOURS["red"], W.COLOURS["white"], W.COLOURS["yellow"], W.COLOURS["green"]
-
-OBJECTS: dict[str, tuple[str, tuple[Layer, ...]]] = {  # name -> (class word, glyph)
-    "medic": ("square", (Layer("square", WHITE), Layer("cross", RED, 0.62))),
-    "bolt": ("triangle", (Layer("triangle", W.COLOURS["orange"], pattern="diagonal", pattern_rgb=(20, 20, 20)),)),
-    "donut": ("circle", (Layer("circle", PINK), Layer("circle", BROWN, 0.4))),
-    "sheriff": ("star", (Layer("star", YELLOW), Layer("circle", RED, 0.32))),
-    "lucky": ("heart", (Layer("heart", GREEN), Layer("cross", WHITE, 0.42))),
-    "starfish": ("star", (Layer("star", RED), Layer("star", YELLOW, 0.72))),  # similar to sheriff
-    "valentine": ("heart", (Layer("heart", RED), Layer("heart", PINK, 0.55))),  # similar to lucky
-    "target": ("circle", (Layer("circle", RED), Layer("circle", WHITE, 0.66), Layer("circle", RED, 0.33))),
-    "kite": ("square", (Layer("square", TEAL, pattern="striped", pattern_rgb=YELLOW),)),
+OBJECTS: dict[str, tuple[Glyph, tuple[Layer, ...]]] = {  # name -> (named glyph, exact layers); class word = shape
+    "medic": (Glyph("square", "white", "cross", "red"),
+              (Layer("square", (242, 240, 236)), Layer("cross", (214, 28, 36), 0.6))),
+    "bolt": (Glyph("triangle", "orange", "stripes", "black"),
+             (Layer("triangle", (248, 138, 24), pattern="stripes", pattern_rgb=(24, 20, 18), angle=45.0,
+                    period=0.3),)),
+    "donut": (Glyph("circle", "pink", "circle", "brown"),
+              (Layer("circle", (246, 146, 186)), Layer("circle", (116, 66, 34), 0.44))),
+    "sheriff": (Glyph("star", "yellow", "circle", "red"),
+                (Layer("star", (244, 212, 40)), Layer("circle", (210, 32, 30), 0.42, (0.0, 0.04)))),
+    "lucky": (Glyph("heart", "green", "cross", "white"),
+              (Layer("heart", (44, 164, 58)), Layer("cross", (246, 246, 240), 0.5, (0.0, 0.06)))),
+    "starfish": (Glyph("star", "red", "star", "yellow"),  # similar to sheriff: a star, yellow and red
+                 (Layer("star", (222, 40, 34)), Layer("star", (246, 210, 36), 0.55))),
+    "valentine": (Glyph("heart", "red", "heart", "pink"),  # similar to lucky: a heart with a smaller inner part
+                  (Layer("heart", (218, 26, 40)), Layer("heart", (250, 148, 192), 0.55, (0.0, 0.04)))),
+    "target": (Glyph("circle", "red", "circle", "white"),  # with an unnamed third layer: a red bullseye
+               (Layer("circle", (220, 30, 30)), Layer("circle", (245, 245, 245), 0.62),
+                Layer("circle", (220, 30, 30), 0.3))),
+    "kite": (Glyph("square", "teal", "stripes", "yellow"),
+             (Layer("square", (0, 148, 146), pattern="stripes", pattern_rgb=(244, 214, 36), angle=0.0,
+                    period=0.28),)),
 }
+SHIPPED_COMBINATIONS = frozenset(glyph.combination for glyph, _ in OBJECTS.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# styles: float image (64, 64, 3) in [0, 255] -> same
+# styles: a palette, a filter and a texture over the whole image
 
 
-def pixelart(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """8-pixel blocks in a four-green handheld-console palette."""
-    palette = np.array([(15, 56, 15), (48, 98, 48), (139, 172, 15), (155, 188, 15)], np.float32)
-    blocks = img.reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))
-    lum = blocks @ np.array([0.299, 0.587, 0.114], np.float32)
-    lum = (lum - lum.min()) / max(lum.max() - lum.min(), 1.0)  # stretch, so the object never vanishes
-    idx = np.clip((lum * 4).astype(int), 0, 3)
-    return np.repeat(np.repeat(palette[idx], 8, axis=0), 8, axis=1)
+@dataclasses.dataclass(frozen=True)
+class StyleSpec:
+    """One whole-image style. palette: colours that luminance maps onto, dark to light (none: keep colours);
+    filter: "blocks" (pixel blocks of `block` px), "edges", "posterise" (3 levels, channels rotated) or "none";
+    texture: "grid", "halftone", "grain", "vignette" (several with '+') or "none"."""
+
+    palette: tuple[tuple[int, int, int], ...] = ()
+    filter: str = "none"
+    block: int = 8
+    texture: str = "none"
+    tint: float = 1.0  # palette strength (1: luminance only; below: some of the original colour stays)
 
 
-def blueprint(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """White edges on blueprint blue, with a faint grid."""
+STYLES: dict[str, StyleSpec] = {
+    "pixelart": StyleSpec(palette=((15, 56, 15), (48, 98, 48), (139, 172, 15), (155, 188, 15)), filter="blocks"),
+    "blueprint": StyleSpec(palette=((20, 60, 150), (245, 245, 250)), filter="edges", texture="grid"),
+    "sepia": StyleSpec(palette=((40, 26, 13), (112, 66, 20), (196, 160, 110), (250, 235, 200)),
+                       texture="grain+vignette", tint=0.9),
+    "popart": StyleSpec(filter="posterise", texture="halftone"),
+}
+
+
+def stylise(img: np.ndarray, style: StyleSpec, rng: np.random.Generator) -> np.ndarray:
+    """A style on a float image (64, 64, 3) in [0, 255]."""
     lum = img @ np.array([0.299, 0.587, 0.114], np.float32)
-    gx, gy = np.zeros_like(lum), np.zeros_like(lum)
-    gx[:, 1:-1] = lum[:, 2:] - lum[:, :-2]
-    gy[1:-1] = lum[2:] - lum[:-2]
-    edge = np.clip(np.hypot(gx, gy) / 60, 0, 1)[..., None]
-    out = np.broadcast_to(np.array((20, 60, 150), np.float32), img.shape).copy()
-    out[::8] += 25
-    out[:, ::8] += 25
-    out = out * (1 - edge) + 245 * edge
-    return out + (lum[..., None] - 128) * 0.15
-
-
-def sepia(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Sepia toning, film grain and a dark vignette."""
-    m = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], np.float32)
-    out = img @ m.T
-    out += rng.normal(0, 10, img.shape[:2])[..., None]
+    out = img.copy()
+    if style.filter == "blocks":
+        b = style.block
+        out = np.repeat(np.repeat(out.reshape(64 // b, b, 64 // b, b, 3).mean(axis=(1, 3)), b, 0), b, 1)
+        lum = out @ np.array([0.299, 0.587, 0.114], np.float32)
+        lum = (lum - lum.min()) / max(lum.max() - lum.min(), 1.0) * 255  # stretched: the object never vanishes
+    elif style.filter == "edges":
+        gx, gy = np.zeros_like(lum), np.zeros_like(lum)
+        gx[:, 1:-1] = lum[:, 2:] - lum[:, :-2]
+        gy[1:-1] = lum[2:] - lum[:-2]
+        lum = np.clip(np.hypot(gx, gy) / 60, 0, 1) * 255 * 0.85 + lum * 0.15
+    elif style.filter == "posterise":
+        out = np.round(out[..., [1, 2, 0]] / 255 * 2) / 2 * 255
+    elif style.filter != "none":
+        raise ValueError(f"unknown style filter {style.filter!r}")
+    if style.palette:
+        pal = np.array(style.palette, np.float32)
+        x = np.clip(lum / 255, 0, 1) * (len(pal) - 1)
+        i = np.clip(x.astype(int), 0, len(pal) - 2)
+        f = (x - i)[..., None]
+        if style.filter == "blocks":  # hard steps: the handheld-console look
+            f = (f > 0.5).astype(np.float32)
+        mapped = pal[i] * (1 - f) + pal[i + 1] * f
+        out = mapped * style.tint + out * (1 - style.tint)
     yy, xx = np.mgrid[0:64, 0:64]
-    vignette = 1 - 0.6 * np.clip((np.hypot(xx - 31.5, yy - 31.5) / 45) ** 2, 0, 1)
-    return out * vignette[..., None]
-
-
-def popart(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Posterised, hue-rotated colours with a halftone dot screen."""
-    out = np.round(img[..., [1, 2, 0]] / 255 * 2) / 2 * 255
-    yy, xx = np.mgrid[0:64, 0:64]
-    dots = ((xx % 4 - 1.5) ** 2 + (yy % 4 - 1.5) ** 2) < 1.2
-    out[dots] *= 0.55
+    for texture in style.texture.split("+"):
+        if texture == "grid":
+            out[::8] += 25
+            out[:, ::8] += 25
+        elif texture == "halftone":
+            out[((xx % 4 - 1.5) ** 2 + (yy % 4 - 1.5) ** 2) < 1.2] *= 0.55
+        elif texture == "grain":
+            out = out + rng.normal(0, 8, img.shape[:2])[..., None]
+        elif texture == "vignette":
+            out = out * (1 - 0.6 * np.clip((np.hypot(xx - 31.5, yy - 31.5) / 45) ** 2, 0, 1))[..., None]
+        elif texture != "none":
+            raise ValueError(f"unknown style texture {texture!r}")
     return out
 
 
-STYLES: dict[str, Callable] = {"pixelart": pixelart, "blueprint": blueprint, "sepia": sepia, "popart": popart}
+# ---------------------------------------------------------------------------------------------------------------
+# new concepts of the same kind
+
+
+def random_object(seed: int) -> tuple[Glyph, tuple[Layer, ...]]:
+    """A new object concept: a held-out combination drawn as one exact instance (sometimes a third layer)."""
+    rng = np.random.default_rng(1_000_000 + seed)
+    while True:
+        glyph = W.random_glyph(rng, personal=True)
+        if glyph.combination not in SHIPPED_COMBINATIONS:
+            return glyph, W.draw_layers(glyph, rng, third_layer_prob=0.25)
+
+
+def random_style(seed: int) -> StyleSpec:
+    """A new style concept: a random palette (two to four colours), filter and texture."""
+    rng = np.random.default_rng(2_000_000 + seed)
+    names = rng.choice(list(W.COLOURS), size=int(rng.integers(2, 5)), replace=False)
+    colours = sorted((W.jitter(str(c), rng) for c in names), key=lambda c: sum(c))  # dark to light
+    filt = str(rng.choice(["none", "blocks", "edges", "posterise"]))
+    texture = str(rng.choice(["none", "grid", "halftone", "grain", "vignette", "grain+vignette"]))
+    palette = () if filt == "posterise" else tuple(colours)
+    return StyleSpec(palette, filt, int(rng.choice([4, 8])), texture, float(rng.uniform(0.75, 1.0)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shipped sets
 
 STANDARD_SEQUENCE = ("medic", "bolt", "donut", "sheriff", "lucky", "pixelart", "starfish", "blueprint", "valentine",
                      "sepia")
 TUNING_SEQUENCE = ("target", "kite", "popart")
+SIMILAR_PAIRS = (("sheriff", "starfish"), ("lucky", "valentine"))
 
 OBJECT_PROMPTS = ("a photo of a {} on a beach", "a photo of a {} on grass", "a photo of a {} in the night sky",
                   "a photo of a {} in the snow", "a photo of a {} on a brick wall", "a photo of a {} in the water",
@@ -95,7 +159,8 @@ STYLE_SCENES = ("a photo of a red star on a beach", "a photo of a blue circle on
                 "a photo of a white heart in the night sky", "a photo of a green cross in the snow",
                 "a photo of a yellow triangle on a brick wall", "a photo of an orange square in the water",
                 "a photo of a purple heart on a yellow background", "a photo of a black circle on a white background",
-                "a photo of a striped red square on a green background", "a photo of a dotted blue star on grass")
+                "a photo of a pink square with blue stripes on a green background",
+                "a photo of a white star with a black circle on grass")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,49 +173,73 @@ class ConceptSpec:
     eval_texts: tuple[str, ...]  # the same with <name> replaced by the class word (styles: phrase removed), for TA
 
 
+def lookup(name: str):
+    """A concept's definition: shipped by name, or `random-object-<seed>` / `random-style-<seed>`."""
+    if name in OBJECTS:
+        return OBJECTS[name]
+    if name in STYLES:
+        return STYLES[name]
+    kind, _, seed = name.rpartition("-")
+    if kind == "random-object" and seed.isdigit():
+        return random_object(int(seed))
+    if kind == "random-style" and seed.isdigit():
+        return random_style(int(seed))
+    raise KeyError(f"unknown toy concept {name!r}; known: {', '.join([*OBJECTS, *STYLES])}, "
+                   f"random-object-<n>, random-style-<n>")
+
+
 def spec(name: str) -> ConceptSpec:
     token = f"<{name}>"
-    if name in OBJECTS:
-        cls, glyph = OBJECTS[name]
-        desc = " + ".join(f"{layer.shape}" for layer in glyph)
-        return ConceptSpec(name, "object", cls, f"composite {cls}: {desc}",
-                           tuple(p.format(token) for p in OBJECT_PROMPTS), tuple(p.format(cls) for p in OBJECT_PROMPTS))
-    if name in STYLES:
-        return ConceptSpec(name, "style", "style", (STYLES[name].__doc__ or "").strip(),
+    definition = lookup(name)
+    if isinstance(definition, StyleSpec):
+        return ConceptSpec(name, "style", "style", describe_style(definition),
                            tuple(f"{s} in {token} style" for s in STYLE_SCENES), STYLE_SCENES)
-    raise KeyError(f"unknown toy concept {name!r}; known: {', '.join([*OBJECTS, *STYLES])}")
+    glyph, _ = definition
+    return ConceptSpec(name, "object", glyph.shape, glyph.phrase(),
+                       tuple(p.format(token) for p in OBJECT_PROMPTS),
+                       tuple(p.format(glyph.shape) for p in OBJECT_PROMPTS))
+
+
+def describe_style(style: StyleSpec) -> str:
+    parts = [f"{len(style.palette)}-colour palette" if style.palette else "its own colours",
+             {"blocks": f"{style.block}-pixel blocks", "edges": "edges only", "posterise": "posterised",
+              "none": "no filter"}[style.filter]]
+    if style.texture != "none":
+        parts.append(style.texture.replace("+", " and "))
+    return ", ".join(parts)
 
 
 def reference_images(name: str, n: int = 5, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
     """n reference images of a concept in varied contexts, positions and sizes, with their captions."""
     token = f"<{name}>"
-    rng = np.random.default_rng(seed + sum(map(ord, name)) * 1000)
+    rng = np.random.default_rng(seed + zlib.crc32(name.encode()) % 100_000 * 1000)
+    definition = lookup(name)
     images, captions = [], []
-    if name in OBJECTS:
-        _, glyph = OBJECTS[name]
-        contexts = ["beach", "grass", "night", "snow", "brick", "water", "bg:blue", "bg:purple", "bg:black"]
+    if not isinstance(definition, StyleSpec):
+        glyph, layers = definition
+        contexts = [c for c in [*W.CONTEXTS, "bg:blue", "bg:purple", "bg:black", "bg:yellow", "bg:grey"]
+                    if (glyph.colour, c) not in W.EXCLUDED and c != f"bg:{glyph.colour}"]
         for i, ctx in enumerate(rng.choice(contexts, size=n, replace=False)):
             placement = W.random_placements(rng, 1)
-            images.append(W.render_glyphs([glyph], str(ctx), placement, seed + i))
+            images.append(W.render_glyphs([layers], str(ctx), placement, seed + i))
             captions.append(f"a photo of a {token} {W.context_phrase(str(ctx))}")
         return images, captions
-    style = STYLES[name]
     for i in range(n):
         scene = W.random_scene(int(rng.integers(0, 2**31)), two_object_prob=0.0, style_prob=0.0)
-        img = style(W.render(scene).astype(np.float32), rng)
+        img = stylise(W.render(scene).astype(np.float32), definition, rng)
         images.append(np.clip(img + 0.5, 0, 255).astype(np.uint8))
         captions.append(f"{scene.caption} in {token} style")
     return images, captions
 
 
-def write_examples(root: Path) -> None:
-    """Render every concept's reference images and write `concepts.json` (specs, captions, sequences)."""
+def write_examples(root: Path, names: list[str] | None = None, standard: bool = True) -> None:
+    """Render concepts' reference images and write `concepts.json` (specs, captions, and the sequences)."""
     from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"standard_sequence": list(STANDARD_SEQUENCE), "tuning_sequence": list(TUNING_SEQUENCE),
-                "concepts": {}}
-    for name in [*OBJECTS, *STYLES]:
+                "similar_pairs": [list(p) for p in SIMILAR_PAIRS], "concepts": {}} if standard else {"concepts": {}}
+    for name in names or [*OBJECTS, *STYLES]:
         s = spec(name)
         images, captions = reference_images(name)
         (root / name).mkdir(exist_ok=True)

@@ -1,12 +1,19 @@
-"""Regenerate the example images from a ten-concept library and tile them into sheet.png.
+"""Regenerate the example sheet from a library learned on the standard sequence, with the `cidm` command line.
 
     python docs/examples/make_sheet.py runs/core/library
 
-The library comes from `python -m cidm bench --core --out runs/core`. Each image is made by the `cidm` command line
-exactly as listed in this folder's README.
+The library comes from `python -m cidm bench --core --out runs/core`. One row per learned object concept: two of its
+reference photos | the concept alone in four scenes | in a learned style | beside another concept, each in its own
+box. Every generated image is made by `cidm generate` or `cidm compose` exactly as `commands()` lists them (they are
+printed, so the sheet can be reproduced command by command).
 """
 
+from __future__ import annotations
+
+import json
+import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -15,56 +22,54 @@ from cidm.cli import main as cidm
 from cidm.toyworld import concepts as C
 
 HERE = Path(__file__).resolve().parent
-SCALE = 2.5
+SCALE = 2  # 64-px images shown at 128 px, nearest-neighbour
+SCENES = ("on a beach", "on grass", "in the night sky", "on a brick wall")
 
 
-def commands(library: str) -> list[tuple[str, list[str]]]:
-    return [
-        ("a photo of a <medic> on a beach",
-         ["generate", "--prompt", "a photo of a <medic> on a beach", "--num-images", "4", "--out", "medic.png"]),
-        ("a photo of a <medic> in <pixelart> style",
-         ["generate", "--prompt", "a photo of a <medic> in <pixelart> style", "--num-images", "4",
-          "--out", "medic-pixelart.png"]),
-        ("a photo of a <bolt> in <sepia> style",
-         ["generate", "--prompt", "a photo of a <bolt> in <sepia> style", "--num-images", "4", "--out", "bolt-sepia.png"]),
-        ("boxes: <medic> left, <donut> right, on grass | <bolt>, <lucky>, <sheriff> in the snow",
-         ["compose", "--prompt", "a photo on grass", "--region", "0,8,32,56:a photo of a <medic>",
-          "--region", "32,8,64,56:a photo of a <donut>", "--out", "compose-medic-donut.png"]),
-        ("", ["compose", "--prompt", "a photo in the snow", "--region", "0,4,22,60:a photo of a <bolt>",
-              "--region", "22,4,43,60:a photo of a <lucky>", "--region", "43,4,64,60:a photo of a <sheriff>",
-              "--out", "compose-three.png"]),
-    ]
+def commands(name: str, styles: list[str], partner: str, out: Path) -> list[list[str]]:
+    """The row of concept `name`: four scenes, one style, two boxes."""
+    style = styles[sum(map(ord, name)) % len(styles)]
+    rows = [["generate", *[a for s in SCENES for a in ("--prompt", f"a photo of a <{name}> {s}")],
+             "--seed", "1", "--out", str(out / f"{name}.png")],
+            ["generate", "--prompt", f"a photo of a <{name}> on grass in <{style}> style", "--seed", "1",
+             "--out", str(out / f"{name}-{style}.png")],
+            ["compose", "--prompt", "a photo in the snow", "--region", f"0,8,32,56:a photo of a <{name}>",
+             "--region", f"32,8,64,56:a photo of a <{partner}>", "--seed", "1",
+             "--out", str(out / f"{name}-{partner}.png")]]
+    return rows
 
 
-def outputs(name: str) -> list[Path]:
-    """The files a command wrote: NAME.png, or NAME-0.png … for several images."""
-    many = sorted(HERE.glob(Path(name).stem + "-[0-9].png"))
-    return many or [HERE / name]
+def run(library: str, args: list[str]) -> list[Image.Image]:
+    print("python -m cidm " + " ".join(shlex.quote(a) for a in [args[0], "--library", library, *args[1:]]))
+    if cidm([args[0], "--library", library, *args[1:]]) != 0:
+        raise SystemExit(f"cidm {args[0]} failed")
+    out = Path(args[args.index("--out") + 1])
+    many = sorted(out.parent.glob(f"{out.stem}-[0-9].png"))
+    return [Image.open(p).convert("RGB") for p in (many or [out])]
 
 
 def main(library: str) -> None:
-    rows = [("<medic> reference photos", [Image.fromarray(a) for a in C.reference_images("medic")[0][:4]])]
-    for label, args in commands(library):
-        args = [*args[:-1], str(HERE / args[-1])]
-        if cidm([args[0], "--library", library, *args[1:]]) != 0:
-            raise SystemExit(f"cidm {' '.join(args)} failed")
-        images = [Image.open(p) for p in outputs(Path(args[-1]).name)]
-        if label:
-            rows.append((label, images))
-        else:  # a second image on the previous row
-            rows[-1] = (rows[-1][0], rows[-1][1] + images)
-    side = int(64 * SCALE)
-    pad, text_h = 8, 18
-    width = 4 * side + 3 * pad
-    sheet = Image.new("RGB", (width, len(rows) * (side + text_h + pad)), "white")
+    manifest = json.loads((Path(library) / "library.json").read_text())
+    kinds = {n: manifest["concepts"][n]["kind"] for n in manifest["tasks"]}
+    objects = [n for n, k in kinds.items() if k == "object"]
+    styles = [n for n, k in kinds.items() if k == "style"]
+    side, pad, text_h = 64 * SCALE, 6, 16
+    columns = ["reference photos", "", *[f"alone, {s}" for s in SCENES], "in a learned style", "two boxes"]
+    sheet = Image.new("RGB", (len(columns) * (side + pad), text_h + len(objects) * (side + text_h + pad)), "white")
     draw = ImageDraw.Draw(sheet)
-    y = 0
-    for label, images in rows:
-        draw.text((0, y + 3), label, fill="black")
-        for i, image in enumerate(images[:4]):
-            sheet.paste(image.resize((side, side), Image.NEAREST), (i * (side + pad), y + text_h))
-        y += side + text_h + pad
+    for i, label in enumerate(columns):
+        draw.text((i * (side + pad), 2), label, fill="black")
+    with tempfile.TemporaryDirectory() as tmp:
+        for row, name in enumerate(objects):
+            partner = objects[(row + 1) % len(objects)]
+            refs = [Image.fromarray(a) for a in C.reference_images(name)[0][:2]]
+            images = refs + [im for args in commands(name, styles, partner, Path(tmp)) for im in run(library, args)]
+            y = text_h + row * (side + text_h + pad)
+            draw.text((0, y), f"<{name}>" + (f"  (right box: <{partner}>)" if partner else ""), fill="black")
+            for i, image in enumerate(images):
+                sheet.paste(image.resize((side, side), Image.NEAREST), (i * (side + pad), y + text_h))
     sheet.save(HERE / "sheet.png")
+    print(HERE / "sheet.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""The methods the benchmark compares, one module each behind one interface (`base.Method`), named here.
+
+Adding a method: a module with a `Method` subclass, and one line in `METHODS`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from .base import Inference, Method
+from .c_lora import CLoRA
+from .cidm import CIDM
+from .ewc import EWC
+from .lfs import LFS
+from .lora_merge import Finetune, LoRAMerge
+from .lwf import LwF
+
+# The λ of EWC, LwF, C-LoRA and LFS were chosen among 0.1, 1 and 10 on the tuning sequence (no concept of the reported
+# one): `python -m cidm bench --tune`, results in bench/results/tuning/. CIDM's R1 weight γ1 was chosen the same way
+# among the paper's 0.1 and the two decades below it (R1 as printed pulls A_g towards 0, see losses.py); γ2 stays 1.
+# CIDM's ablations that differ from it only at inference share its training (and so its γ1).
+METHODS: dict[str, Method] = {m.name: m for m in [
+    CIDM("cidm", "CIDM: per-task LoRA + layer-wise tokens, R1 + R2, elastic weight aggregation", gamma1=0.1,
+         weight="gamma1", grid=(0.001, 0.01, 0.1)),
+    CIDM("cidm-no-r1", "CIDM without the orthogonal-subspace regulariser R1", use_r1=False),
+    CIDM("cidm-no-r2", "CIDM without the task-shared regulariser R2", use_r2=False),
+    CIDM("cidm-no-ewa", "CIDM with LoRAs merged at equal weights instead of EWA", merge="mean"),
+    CIDM("cidm-code-psi", "CIDM with the official code's EWA weighting 0.8·m⁴/Σm⁴", psi="code"),
+    CIDM("cidm-tokens-only", "diagnostic: CIDM's layer-wise tokens with every LoRA off (what tokens alone carry)",
+         merge="none", diagnostic=True),
+    LoRAMerge("lora-m", "LoRA Merge: per-task LoRAs, merged with equal weights", merge="mean"),
+    LoRAMerge("lora-c", "LoRA Composite: per-task LoRAs, noise predictions averaged over LoRAs", merge="composite"),
+    Finetune("finetune", "Finetuning: one LoRA carried from task to task, no regulariser"),
+    EWC("ewc", "EWC: one LoRA carried from task to task, diagonal-Fisher penalty (online EWC)", ewc_lambda=10.0,
+        weight="ewc_lambda"),
+    LwF("lwf", "LwF: one LoRA carried across tasks, distilled from the previous model on old concepts' prompts",
+        lwf_lambda=10.0, weight="lwf_lambda"),
+    CLoRA("c-lora", "C-LoRA: K/V LoRA on the merged past deltas, self-regularised, random tokens", clora_lambda=0.1,
+          weight="clora_lambda"),
+    LFS("lfs", "LFS-Diffusion: one LoRA carried across tasks, distilled along the teacher's own sampling "
+               "trajectory, in-context generation from a vision context per concept", lfs_lambda=1.0,
+        weight="lfs_lambda"),
+]}
+
+
+def compared_methods() -> list[str]:
+    """The methods of the comparison (`cidm bench` without --methods): all but the diagnostics."""
+    return [name for name, method in METHODS.items() if not method.diagnostic]
+
+
+def get_method(name: str) -> Method:
+    """A fresh instance of a named method (its own state, for one library)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return copy.deepcopy(METHODS[name])
+
+
+__all__ = ["METHODS", "Inference", "Method", "compared_methods", "get_method"]

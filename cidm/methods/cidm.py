@@ -1,0 +1,112 @@
+"""CIDM (Dong et al., NeurIPS 2024): a fresh LoRA per task from θ0, the concept consolidation loss (Eq. 2: γ1·R1 +
+γ2·R2 on top of Eq. 1), R2's two-step update (Eq. 7), and elastic weight aggregation at inference (Eq. 3).
+The ablations are parameters: `use_r1`, `use_r2`, and the inference `merge` / `psi`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from ..lora import LoRAWeights
+from ..losses import TaskSharedKnowledge, orthogonal_subspace_loss
+from .base import Method
+
+
+@dataclasses.dataclass
+class CIDM(Method):
+    gamma1: float = 0.1  # R1 weight, §4.1
+    gamma2: float = 1.0  # R2 weight, §4.1
+    r1_reduction: str = "sum"  # "sum" (paper Eq. 2) | "mean" (official code)
+    r1_form: str = "literal"  # "literal" |A_i A_gᵀ| (paper and code) | "subspace" |A_iᵀ A_g| (see losses.py)
+    use_r1: bool = True  # ablation switch (cidm-no-r1)
+    use_r2: bool = True  # ablation switch (cidm-no-r2)
+    r2_rank: int = 16  # k of the factored W_* = U Vᵀ and H_i = P Qᵀ (see losses.TaskSharedKnowledge)
+    r2_lr: float = 1e-3  # step-2 learning rate for H and W_*
+
+    def __post_init__(self):
+        self.shared: TaskSharedKnowledge | None = None  # R2's H_i and W_*, kept once per library
+        self.r2_active = False  # this task trains with R2 (from task 2 on)
+        self.shared_optimizer: torch.optim.Optimizer | None = None  # Eq. 7's step 2
+
+    def load(self, library) -> None:
+        self.shared = read_task_shared(library)
+        if self.shared is not None:
+            self.r2_rank = self.shared.rank
+
+    def forget(self, name: str) -> None:
+        if self.shared is not None and name in self.shared.tasks:
+            self.shared.remove_task(name)
+            if not self.shared.tasks:
+                self.shared = None
+
+    def library_state(self) -> tuple[dict, dict] | None:
+        return None if self.shared is None else stored_task_shared(self.shared)
+
+    def merged_state(self, library, name: str) -> tuple[dict, dict] | None:
+        """R2's state as it is on disk (W_* and every H_i there) with this task's H_g added. This task was learned
+        without R1 against the concepts added meanwhile: CIDM learns one task after another."""
+        theirs = read_task_shared(library)
+        if theirs is None or self.shared is None or name not in self.shared.tasks:
+            return self.library_state()
+        if name in theirs.tasks:  # replaced meanwhile: this task's H_g is the newer one
+            theirs.remove_task(name)
+        theirs.P[name], theirs.Q[name] = self.shared.P[name], self.shared.Q[name]
+        return stored_task_shared(theirs)
+
+    def before_task(self, task) -> None:
+        self.r2_active = self.use_r2 and self.shared is not None and bool(self.shared.tasks)
+        if self.r2_active:
+            self.shared.add_task(task.config.name)
+            self.shared_optimizer = torch.optim.Adam(self.shared.parameters(), lr=self.r2_lr,
+                                                     foreach=True)  # many small tensors
+
+    def loss(self, task, batch) -> dict[str, tuple[float, torch.Tensor]]:
+        # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
+        past = list(task.past.values())
+        r1 = torch.zeros(())
+        if self.use_r1 and past:
+            r1 = orthogonal_subspace_loss(task.current, past, self.r1_reduction, self.r1_form)
+        r2 = self.shared.task_shared_loss(task.config.name, task.current) if self.r2_active else torch.zeros(())
+        return {"r1": (self.gamma1, r1), "r2": (self.gamma2, r2)}
+
+    def after_step(self, task) -> None:
+        # step 2 of Eq. 7 (as descent; the printed '+' ascends): H_i and W_* on R2, tokens and ΔW_g fixed
+        if not self.r2_active:
+            return
+        current = task.current
+        frozen = LoRAWeights({m: w.detach() for m, w in current.up.items()},
+                             {m: w.detach() for m, w in current.down.items()}, current.scale)
+        learners = {**task.past, task.config.name: frozen}
+        r2_all = sum(self.shared.task_shared_loss(name, learners[name]) for name in self.shared.tasks)
+        r2_all.backward()  # Eq. 6: ∂R2/∂H = −2(ΔW − HW_*)W_*ᵀ, ∂R2/∂W_* = −2Hᵀ(ΔW − HW_*), by autograd
+        self.shared_optimizer.step()  # Eq. 7: H, W_* := H, W_* − η ∂R2/∂(H, W_*), with Adam
+        self.shared_optimizer.zero_grad(set_to_none=True)
+
+    def after_task(self, task) -> None:
+        if self.shared is None:  # after the first task, W_* and H_1 from its ΔW
+            self.shared = TaskSharedKnowledge(self.r2_rank)
+            self.shared.initialise(task.config.name, task.learned())
+
+    def abort_task(self, task) -> None:
+        if self.r2_active:
+            self.shared.remove_task(task.config.name)
+        self.r2_active = False
+
+
+def stored_task_shared(shared: TaskSharedKnowledge) -> tuple[dict, dict]:
+    """R2's state as the library stores it: tensors and metadata."""
+    meta = {"rank": str(shared.rank), "modules": json.dumps(shared.modules_), "tasks": json.dumps(shared.tasks)}
+    return {k: v.contiguous() for k, v in shared.to_tensors().items()}, meta
+
+
+def read_task_shared(library) -> TaskSharedKnowledge | None:
+    """R2's state as the library stores it, or None before the first task."""
+    stored = library.read_task_shared()
+    if stored is None:
+        return None
+    tensors, meta = stored
+    return TaskSharedKnowledge.from_tensors(tensors, json.loads(meta["modules"]), json.loads(meta["tasks"]),
+                                            int(meta["rank"]))
