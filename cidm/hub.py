@@ -7,10 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
-
-from huggingface_hub import ModelCard, ModelCardData
 
 
 def push_library(root, repo_id: str, token: str, private: bool = True, api=None, endpoint: str | None = None) -> str:
@@ -33,15 +30,7 @@ def push_library(root, repo_id: str, token: str, private: bool = True, api=None,
     check_repo_id(repo_id)
     library = Library(root)
     api = api or HfApi(token=token, endpoint=endpoint)
-    card = ModelCard.from_template(
-        ModelCardData(tags=["text-to-image", "diffusers", "lora", "cidm"], library_name="diffusers"),
-        template_str="---\n{{ card_data }}\n---\n\n# A CIDM concept library\n\nConcepts learned one after "
-                     "another with CIDM Studio; each folder holds a diffusers LoRA, layer-wise tokens and a model "
-                     "card.\n")
-    with library.lock():  # written aside and renamed: a snapshot taken meanwhile keeps the old card intact
-        tmp = root / f".README.md.{uuid.uuid4().hex}.tmp"
-        card.save(tmp)
-        os.replace(tmp, root / "README.md")
+    library.write_card()
     with library.staging() as stage:
         library.snapshot(stage / "library")
         try:
@@ -71,7 +60,8 @@ def pull_library(repo_id: str, dest, token: str | None = None, endpoint: str | N
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
 
-    from .library import CONCEPT_FILES, MANIFEST, MAX_CONCEPTS, MAX_MANIFEST_BYTES, Library, LibraryError
+    from .library import (CARD_FILE, CONCEPT_FILES, FORGETTING, MANIFEST, MAX_CONCEPTS, MAX_MANIFEST_BYTES, Library,
+                          LibraryError)
 
     check_repo_id(repo_id)
     dest = Path(dest)
@@ -114,7 +104,7 @@ def pull_library(repo_id: str, dest, token: str | None = None, endpoint: str | N
         fetch("library.json", lambda: hf_hub_download(repo_id, MANIFEST, local_dir=tmp, token=auth,
                                                       endpoint=endpoint))
         pulled = checked()
-        patterns = [MANIFEST, "README.md", "forgetting/*", *(f"{n}/*" for n in pulled.names)]
+        patterns = [MANIFEST, CARD_FILE, f"{FORGETTING}/*", *(f"{n}/*" for n in pulled.names)]
         patterns += [pulled.manifest["task_shared"]] if pulled.manifest.get("task_shared") else []
         wanted = list(filter_repo_objects(listing, allow_patterns=patterns))
         size = sum(listing[f] for f in wanted)
@@ -132,31 +122,8 @@ def pull_library(repo_id: str, dest, token: str | None = None, endpoint: str | N
         missing = [f"{n}/{f}" for n in pulled.names for f in CONCEPT_FILES if not (stage / n / f).is_file()]
         if missing:
             raise ValueError(f"{repo_id!r} lacks {missing[0]}: it is not a complete CIDM Studio library")
-        _move_in(stage, dest)
+        Library(dest).move_in(stage)
     return dest
-
-
-def _move_in(stage: Path, dest: Path) -> None:
-    """Move a checked library into `dest` (holding no concepts) by renames under its lock, `library.json` last."""
-    from .library import MANIFEST, Library, _remove
-
-    library = Library(dest)
-    with library.lock():
-        if Library(dest, read_only=True).names:
-            raise ValueError("this library got concepts while the Hub library downloaded; load it into an empty one")
-        replaced = []
-        for entry in sorted(stage.iterdir()):
-            if entry.name == MANIFEST or entry.name.startswith("."):
-                continue
-            target = dest / entry.name
-            if target.exists() or target.is_symlink():  # left by deleted concepts (an empty library has no other)
-                replaced.append(dest / f".trash-{uuid.uuid4().hex}")  # swept if a crash comes before the end
-                os.replace(target, replaced[-1])
-            os.replace(entry, target)
-        os.replace(stage / MANIFEST, dest / MANIFEST)  # the pulled library becomes real here
-        library.manifest = Library(dest, read_only=True).manifest
-        for old in replaced:
-            _remove(old)
 
 
 MAX_PULL_BYTES = int(float(os.environ.get("CIDM_MAX_PULL_MB", "2048")) * 2 ** 20)  # what one pull may download

@@ -204,6 +204,15 @@ def concept_card(name: str, class_word: str, kind: str, base_model: str) -> Mode
                                    base_model=base_model, instance_prompt=prompt)
 
 
+LIBRARY_CARD = ("---\n{{ card_data }}\n---\n\n# A CIDM concept library\n\nConcepts learned one after another with CIDM "
+                "Studio; each folder holds a diffusers LoRA, layer-wise tokens and a model card.\n")
+
+
+def library_card() -> ModelCard:
+    return ModelCard.from_template(ModelCardData(tags=["text-to-image", "diffusers", "lora", "cidm"],
+                                                 library_name="diffusers"), template_str=LIBRARY_CARD)
+
+
 class Library:
     """A concept library on disk (created on first write)."""
 
@@ -528,6 +537,35 @@ class Library:
         self.manifest = manifest
         if old_state and old_state != manifest.get("task_shared"):
             (self.root / old_state).unlink(missing_ok=True)
+
+    def write_card(self) -> None:
+        """The library's model card (for the Hub), written aside and renamed under the lock: a snapshot taken
+        meanwhile keeps the old card intact."""
+        with self.lock():
+            tmp = self.root / f".{CARD_FILE}.{uuid.uuid4().hex}.tmp"
+            library_card().save(tmp)
+            os.replace(tmp, self.root / CARD_FILE)
+
+    def move_in(self, stage: Path) -> None:
+        """Move a checked library (a pulled one, in `stage` beside this one) into this library, which holds no
+        concepts, by renames under the lock, `library.json` last: nothing outside this folder is removed."""
+        with self.lock():
+            if Library(self.root, read_only=True).names:
+                raise LibraryError("this library got concepts while the Hub library downloaded; load it into an "
+                                   "empty one")
+            replaced = []
+            for entry in sorted(stage.iterdir()):
+                if entry.name == MANIFEST or entry.name.startswith("."):
+                    continue
+                target = self.root / entry.name
+                if target.exists() or target.is_symlink():  # left by deleted concepts (an empty library has no other)
+                    replaced.append(self.root / f".trash-{uuid.uuid4().hex}")  # swept if a crash comes before the end
+                    os.replace(target, replaced[-1])
+                os.replace(entry, target)
+            os.replace(stage / MANIFEST, self.root / MANIFEST)  # the pulled library becomes real here
+            self.manifest = self._read()
+            for old in replaced:
+                _remove(old)
 
     def update_record(self, name: str, **fields) -> None:
         """Add fields (e.g. scores) to a concept's record."""
