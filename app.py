@@ -1,16 +1,23 @@
 """CIDM Studio: the Gradio app. Thin by design: one builder per tab, handlers that call `cidm`, no method logic.
 
-Each browser session has its own library (a folder under the system temp dir), unless `CIDM_LIBRARY` names one
-persistent library (a duplicated private Space with storage at /data). Work on the model runs one request at a time
-(`concurrency_id="gpu"`), so sessions share one base pipeline safely.
+Each browser session has its own library (a folder under the system temp dir named by a hash of the session id,
+removed `CIDM_SESSION_TTL_HOURS` after its last use), unless `CIDM_LIBRARY` names one persistent library for everyone
+(a duplicated private Space with storage at /data: single-user). Work on the model runs one request at a time
+(`concurrency_id="gpu"`), so sessions share one base pipeline safely; each session may have `CIDM_MAX_JOBS` jobs
+queued or running. Messages never show server paths.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import os
+import re
 import shutil
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import gradio as gr
@@ -18,17 +25,24 @@ import spaces
 from gradio_image_annotation import image_annotator
 from PIL import Image
 
-from cidm import models
+from cidm import models, sessions
 from cidm.bench.results import EXAMPLES, ia_curves, load_results, results_markdown
+from cidm.images import MAX_PIXELS
 from cidm.library import Library, LibraryError
+from cidm.sampling import SEED_MAX
 from cidm.studio import Studio
 
-ON_SPACE = bool(os.environ.get("SPACE_ID"))
+ON_SPACE = bool(os.environ.get("SPACE_ID"))  # decides the layout (the login button); tokens check SPACE_ID per call
 SESSIONS = Path(tempfile.gettempdir()) / "cidm-sessions"
 _BASE: dict = {}  # the base pipeline, loaded once on first use (keeps start-up fast)
 _ACTIVE: dict = {}  # the Studio of the library in use (one at a time: requests are serialised)
-_CANCEL: dict[str, threading.Event] = {}
-USER_ERRORS = (ValueError, LibraryError, models.BaseModelError, FileNotFoundError)
+_CANCEL: dict[str, threading.Event] = {}  # per session: Stop stops only the visitor's own learning
+USER_ERRORS = (ValueError, LibraryError, models.BaseModelError, OSError)  # OSError: a full disk, a lost file
+MAX_JOBS = int(os.environ.get("CIDM_MAX_JOBS", "2"))  # jobs one session may have queued or running at once
+MAX_FILE_SIZE = os.environ.get("CIDM_MAX_FILE_SIZE", "25mb")  # the largest upload the server accepts
+MAX_PHOTOS, MAX_STEPS, MAX_BOXES = 10, 1000, 8
+APP_DIR = Path(__file__).resolve().parent
+_JOBS = sessions.JobLimiter(MAX_JOBS)
 BENCH_RESULTS = Path(__file__).resolve().parent / "bench" / "results" / "methods" / "results.json"
 CSS = (".enlarge img { width: 100% !important; height: 100% !important; object-fit: contain; "
        "image-rendering: pixelated; }")  # small outputs (the toy world's 64 px) shown large, pixels kept
@@ -45,11 +59,23 @@ def base():
     return _BASE["pipe"], _BASE["info"]
 
 
-def library_path(request: gr.Request | None) -> Path:
+def session_id(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def _library_root(request: gr.Request | None) -> Path:
     if os.environ.get("CIDM_LIBRARY"):
         return Path(os.environ["CIDM_LIBRARY"])
-    session = getattr(request, "session_hash", None) or "local"
-    return SESSIONS / session
+    return SESSIONS / sessions.session_key(session_id(request))
+
+
+def library_path(request: gr.Request | None) -> Path:
+    """This request's library: `CIDM_LIBRARY` (one for everyone), else the session's own folder inside SESSIONS,
+    named by a hash of the session id (an id is never a path). Expired session folders are swept on the way."""
+    if os.environ.get("CIDM_LIBRARY"):
+        return Path(os.environ["CIDM_LIBRARY"])
+    sessions.sweep_expired(SESSIONS, keep=tuple(p for p in [_ACTIVE.get("path")] if p))
+    return sessions.session_dir(SESSIONS, session_id(request))
 
 
 def studio(request: gr.Request | None) -> Studio:
@@ -58,11 +84,101 @@ def studio(request: gr.Request | None) -> Studio:
     with _LOAD_LOCK:
         if _ACTIVE.get("path") != path:
             _ACTIVE.update(path=path, studio=Studio(path, pipe=pipe, info=info))
+        else:
+            _ACTIVE["studio"].refresh()  # another writer (the command line, a pull) may have changed it
         return _ACTIVE["studio"]
 
 
-def user_error(err: Exception) -> gr.Error:
-    return gr.Error(str(err))
+def public(text: str, request: gr.Request | None = None) -> str:
+    """A message fit for a visitor: the server's folders (this library, the sessions folder, the temp folder, the
+    app's folder, the home folder) are named in words, never shown as paths."""
+    places = {str(_library_root(request)): "your library", str(SESSIONS): "the server", str(APP_DIR): "the app",
+              tempfile.gettempdir(): "a temporary file", str(Path.home()): "the server"}
+    for path in list(places):
+        places.setdefault(os.path.realpath(path), places[path])
+    for path in sorted(places, key=len, reverse=True):
+        if len(path) > 1:
+            text = re.sub(r"(?<![\w.-])" + re.escape(path) + r"(?:/[^\s'\"`),;]*)?", places[path], text)
+    return text
+
+
+def user_error(err: Exception, request: gr.Request | None = None) -> gr.Error:
+    return gr.Error(public(str(err), request))
+
+
+def whole_number(value, what: str, low: int, high: int) -> int:
+    """A whole number from a field or an API call, or a gr.Error that says which field and what it takes."""
+    wanted = f"{what} takes a whole number from {low} to {high}"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise gr.Error(f"{what} is empty: {wanted}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise gr.Error(f"{wanted}; got {str(value)[:40]!r}.") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise gr.Error(f"{wanted}; got {str(value)[:40]}.")
+    return int(value) if isinstance(value, int) else int(number)
+
+
+def real_number(value, what: str, low: float, high: float) -> float:
+    """A finite number in [low, high] from a field or an API call, or a gr.Error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high:
+        raise gr.Error(f"{what} takes a number from {low:g} to {high:g}; got {str(value)[:40]}.")
+    return number
+
+
+def hub_token(oauth_token: gr.OAuthToken | None) -> str | None:
+    """The token for the Hub: the visitor's own (Sign in with Hugging Face). The server's HF_TOKEN only off a Space,
+    or on a Space whose owner set CIDM_SHARE_HF_TOKEN=1 (every visitor then acts as the owner)."""
+    if oauth_token is not None and getattr(oauth_token, "token", None):
+        return oauth_token.token
+    if not os.environ.get("SPACE_ID") or os.environ.get("CIDM_SHARE_HF_TOKEN") == "1":
+        return os.environ.get("HF_TOKEN") or None
+    raise gr.Error("Sign in with the Hugging Face button first: on this Space, the Hub is reached with your own "
+                   "account, never the Space's.")
+
+
+def admit(n_inputs: int):
+    """A validator for an event with `n_inputs` inputs, run before its job joins the queue: at most MAX_JOBS jobs of
+    one session queued or running, so that one visitor cannot fill the queue. (Gradio passes a validator the
+    event's inputs, and the request after them when a named positional parameter asks for it.)"""
+    def check(*args):
+        request = args[n_inputs] if len(args) > n_inputs else None
+        sid = session_id(request)
+        queue = getattr(_DEMO.get("demo"), "_queue", None)
+        events = list(getattr(queue, "event_ids_to_events", {}).items())
+        ok = [gr.validate(True, "")] * n_inputs
+        if _JOBS.admit(sid, {i for i, e in events if getattr(e, "session_hash", None) == sid}):
+            return ok
+        return [gr.validate(False, f"You already have {MAX_JOBS} jobs waiting or running; wait until one "
+                                   f"finishes.")] + ok[1:]
+
+    params = [inspect.Parameter(f"input_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(n_inputs)]
+    params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                    annotation=gr.Request))
+    check.__signature__ = inspect.Signature(params)
+    check.__annotations__ = {"request": gr.Request}
+    return check
+
+
+def counted(fn):
+    """`fn` runs as a job of its session: from admitted (waiting) to running, for `admit`'s count."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        request = signature.bind_partial(*args, **kwargs).arguments.get("request")
+        with _JOBS.running(session_id(request)):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+_DEMO: dict = {}  # the app's Blocks, for `admit` to read its queue
 
 
 def concept_names(request: gr.Request | None) -> list[str]:
@@ -79,27 +195,34 @@ def concept_names(request: gr.Request | None) -> list[str]:
 
 
 @spaces.GPU(duration=300)
+@counted
 def learn(files, name, class_word, kind, steps, seed, replace, request: gr.Request = None,
           progress=gr.Progress(track_tqdm=True)):
     if not files:
         raise gr.Error("No photos: upload 3–10 photos of your concept.")
-    if not 3 <= len(files) <= 10:
-        raise gr.Error(f"{len(files)} photos: upload between 3 and 10 photos of your concept.")
-    key = library_path(request).name
-    cancel = _CANCEL.setdefault(key, threading.Event())
-    cancel.clear()
+    if not isinstance(files, (list, tuple)) or not 3 <= len(files) <= MAX_PHOTOS:
+        count = len(files) if isinstance(files, (list, tuple)) else 1
+        raise gr.Error(f"{count} photos: upload between 3 and {MAX_PHOTOS} photos of your concept.")
+    name = (name or "").strip()  # the same name for learning and everything after it
+    steps = whole_number(steps, "Training steps", 1, MAX_STEPS)
+    seed = whole_number(seed, "Seed", 0, SEED_MAX)
+    key = sessions.session_key(session_id(request))
+    cancel = _CANCEL[key] = threading.Event()  # this session's own: another visitor's Stop cannot reach it
     losses = []
 
     def report(step, terms):
         losses.append({"step": step, "loss": terms["diffusion"]})
-        progress(step / int(steps), desc=f"step {step}/{int(steps)} · loss {terms['diffusion']:.4f}")
+        progress(step / steps, desc=f"step {step}/{steps} · loss {terms['diffusion']:.4f}")
 
     try:
         s = studio(request)
-        result = s.learn(name.strip(), [f if isinstance(f, str) else f.name for f in files], class_word, kind,
-                         replace=replace, steps=int(steps), seed=int(seed), progress=report, cancel=cancel.is_set)
+        result = s.learn(name, [f if isinstance(f, str) else f.name for f in files], class_word or "", kind,
+                         replace=bool(replace), steps=steps, seed=seed, progress=report, cancel=cancel.is_set)
     except USER_ERRORS as err:
-        raise user_error(err) from err
+        raise user_error(err, request) from err
+    finally:
+        if _CANCEL.get(key) is cancel:
+            del _CANCEL[key]
     import pandas as pd
 
     plot = pd.DataFrame(losses or [{"step": 0, "loss": 0.0}])
@@ -113,7 +236,10 @@ def learn(files, name, class_word, kind, steps, seed, replace, request: gr.Reque
 
 
 def stop(request: gr.Request = None):
-    _CANCEL.setdefault(library_path(request).name, threading.Event()).set()
+    cancel = _CANCEL.get(sessions.session_key(session_id(request)))
+    if cancel is None:
+        return "Nothing to stop: you are not learning a concept."
+    cancel.set()
     return "Stopping after the current step…"
 
 
@@ -142,7 +268,7 @@ def build_learn_tab():
                 for n, c in spec["concepts"].items() if n in spec["standard_sequence"]]
         gr.Examples(rows, [files, name, class_word, kind], label="Toy-world concepts (the standard sequence)")
     train.click(learn, [files, name, class_word, kind, steps, seed, replace], [status, plot, samples],
-                api_name="learn", concurrency_id="gpu")
+                api_name="learn", concurrency_id="gpu", validator=admit(7))
     halt.click(stop, None, status, api_name="stop")
 
 
@@ -151,12 +277,14 @@ def build_learn_tab():
 
 
 @spaces.GPU(duration=60)
+@counted
 def generate(prompt, negative, num_images, steps, guidance, seed, request: gr.Request = None):
+    settings = dict(num_images=whole_number(num_images, "Images", 1, 8), steps=whole_number(steps, "Steps", 1, 100),
+                    guidance=real_number(guidance, "Guidance", 1.0, 15.0), seed=whole_number(seed, "Seed", 0, SEED_MAX))
     try:
-        images = studio(request).generate(prompt, negative, num_images=int(num_images), steps=int(steps),
-                                          guidance=float(guidance), seed=int(seed))
+        images = studio(request).generate(prompt or "", negative or "", **settings)
     except USER_ERRORS as err:
-        raise user_error(err) from err
+        raise user_error(err, request) from err
     return images
 
 
@@ -172,7 +300,7 @@ def build_generate_tab():
             button = gr.Button("Generate", variant="primary")
         gallery = gr.Gallery(label="Images", columns=4)
     gr.on([prompt.submit, button.click], generate, [prompt, negative, num_images, steps, guidance, seed], gallery,
-          api_name="generate", concurrency_id="gpu")
+          api_name="generate", concurrency_id="gpu", validator=admit(6))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,27 +316,37 @@ def blank_canvas(request: gr.Request = None):
 
 
 @spaces.GPU(duration=120)
+@counted
 def compose(annotation, prompt, box_prompts, steps, guidance, seed, request: gr.Request = None):
     boxes = (annotation or {}).get("boxes") or []
     if not boxes:
         raise gr.Error("No boxes: draw a box on the canvas for each concept, and pick its label.")
+    if len(boxes) > MAX_BOXES:
+        raise gr.Error(f"{len(boxes)} boxes: draw at most {MAX_BOXES}.")
+    settings = dict(steps=whole_number(steps, "Steps", 1, 100), guidance=real_number(guidance, "Guidance", 1.0, 15.0),
+                    seed=whole_number(seed, "Seed", 0, SEED_MAX))
     canvas = annotation.get("image")
     if canvas is None:  # boxes without a canvas (API callers): pixels of the output image
         cw = ch = base()[1].resolution
     else:
-        cw, ch = canvas.size if isinstance(canvas, Image.Image) else Image.open(canvas).size
+        cw, ch = canvas.size if isinstance(canvas, Image.Image) else image_size(canvas)
     overrides = [line.strip() for line in (box_prompts or "").splitlines()]
     regions = []
     for i, b in enumerate(boxes):
-        label = b.get("label") or ""
+        label = str(b.get("label") or "")
         text = overrides[i] if i < len(overrides) and overrides[i] else (f"a photo of a <{label}>" if label else "")
-        box = (b["xmin"] / cw, b["ymin"] / ch, b["xmax"] / cw, b["ymax"] / ch)  # relative: any canvas size
+        try:
+            x0, y0, x1, y1 = (float(b[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise gr.Error(f"Box {i + 1} needs numbers xmin, ymin, xmax, ymax.") from err
+        box = (max(0.0, x0 / cw), max(0.0, y0 / ch), min(1.0, x1 / cw), min(1.0, y1 / ch))  # relative, on the canvas
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise gr.Error(f"Box {i + 1} lies outside the {cw}×{ch} canvas or is empty: draw it on the canvas.")
         regions.append((box, text))
     try:
-        image = studio(request).compose(prompt, regions, steps=int(steps), guidance=float(guidance),
-                                        seed=int(seed))[0]
+        image = studio(request).compose(prompt or "", regions, **settings)[0]
     except USER_ERRORS as err:
-        raise user_error(err) from err
+        raise user_error(err, request) from err
     w, h = image.size
     return image, (image, [((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)), text)
                            for (x0, y0, x1, y1), text in regions])
@@ -217,8 +355,8 @@ def compose(annotation, prompt, box_prompts, steps, guidance, seed, request: gr.
 def build_compose_tab():
     with gr.Row():
         with gr.Column():
-            canvas = image_annotator(label="Draw a box per concept; its label is the concept", label_list=[],
-                                     image_type="pil")
+            canvas = checked_upload(image_annotator(label="Draw a box per concept; its label is the concept",
+                                                    label_list=[], image_type="filepath"), "The canvas")
             fresh = gr.Button("New canvas (with your latest concepts)")
             prompt = gr.Textbox(label="Global prompt (the whole scene)", value="a photo on a beach")
             box_prompts = gr.Textbox(label="Box prompts, one line per box (default: 'a photo of a <label>')",
@@ -231,32 +369,79 @@ def build_compose_tab():
             image = gr.Image(label="Image", type="pil", height=384, elem_classes="enlarge")
             layout = gr.AnnotatedImage(label="Boxes over the image", height=384)
     button.click(compose, [canvas, prompt, box_prompts, steps, guidance, seed], [image, layout], api_name="compose",
-                 concurrency_id="gpu")
+                 concurrency_id="gpu", validator=admit(6))
     fresh.click(blank_canvas, None, canvas, api_name="canvas")
     with gr.Accordion("Edit inside a box of your own image", open=False):
         with gr.Row():
             with gr.Column():
-                source = gr.Image(label="Image", type="pil")
+                source = checked_upload(gr.Image(label="Image", type="filepath", image_mode=None),  # decoded by
+                                        "The image to edit")  # `cidm.images`, within the pixel budget
                 box = gr.Textbox(label="Box x0,y0,x1,y1 (pixels, or 0–1)", value="0,0,0.5,0.5")
                 edit_prompt = gr.Textbox(label="What goes in the box", placeholder="a photo of a <name>")
                 strength = gr.Slider(0.1, 1.0, value=0.8, step=0.05, label="Strength")
                 edit_button = gr.Button("Edit")
             edited = gr.Image(label="Edited", type="pil", elem_classes="enlarge")
     edit_button.click(edit, [source, box, edit_prompt, strength, steps, guidance, seed], edited, api_name="edit",
-                      concurrency_id="gpu")
+                      concurrency_id="gpu", validator=admit(7))
     return canvas
 
 
+def image_size(path, what: str = "The canvas") -> tuple[int, int]:
+    """Width and height from a file's header (nothing is decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget is checked by the caller
+            with Image.open(path) as im:
+                return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise gr.Error(f"{what} is not an image: upload a JPEG, PNG or WebP.") from err
+
+
+def checked_upload(component, what: str):
+    """An image component whose upload is checked before the component decodes it: the pixel budget of every upload
+    (read from the file's header), and a file that is not an image or a malformed value (a box without numbers, a
+    zero scale) as a clear error instead of a crash."""
+    preprocess = component.preprocess
+
+    def checked(payload):
+        path = getattr(payload, "path", None) or getattr(getattr(payload, "image", None), "path", None)
+        if path:
+            w, h = image_size(path, what)
+            if w * h > MAX_PIXELS:
+                raise gr.Error(f"{what} is {w}×{h} pixels, more than the {MAX_PIXELS // 10 ** 6} M an upload may "
+                               f"have: upload a smaller image.")
+        try:
+            return preprocess(payload)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError, OSError) as err:
+            raise gr.Error(f"{what} is malformed: upload a JPEG, PNG or WebP image (and draw boxes on the canvas "
+                           f"the app gives).") from err
+
+    component.preprocess = checked
+    return component
+
+
+def parse_box(text) -> tuple[float, ...]:
+    try:
+        coords = tuple(float(v) for v in str(text or "").split(","))
+    except ValueError:
+        coords = ()
+    if len(coords) != 4 or not all(math.isfinite(v) for v in coords):
+        raise gr.Error(f"Box {str(text)[:40]!r}: write four numbers x0,y0,x1,y1 (pixels, or 0–1), e.g. 0,0,0.5,0.5.")
+    return coords
+
+
 @spaces.GPU(duration=60)
+@counted
 def edit(image, box, prompt, strength, steps, guidance, seed, request: gr.Request = None):
     if image is None:
         raise gr.Error("No image: upload the image to edit.")
+    coords = parse_box(box)
+    settings = dict(strength=real_number(strength, "Strength", 0.05, 1.0), steps=whole_number(steps, "Steps", 1, 100),
+                    guidance=real_number(guidance, "Guidance", 1.0, 15.0), seed=whole_number(seed, "Seed", 0, SEED_MAX))
     try:
-        coords = tuple(float(v) for v in box.split(","))
-        return studio(request).edit(image, coords, prompt, strength=float(strength), steps=int(steps),
-                                    guidance=float(guidance), seed=int(seed))
+        return studio(request).edit(image, coords, prompt or "", **settings)
     except USER_ERRORS as err:
-        raise user_error(err) from err
+        raise user_error(err, request) from err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,9 +500,9 @@ def methods_view(results_file):
     try:
         results = load_results(path)
         return results_markdown(results, results["protocol"]["tasks"]), ia_lines(ia_curves(results))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise gr.Error(f"{Path(path).name} is not a `cidm bench` results.json ({err!r}); pick DIR/results.json of "
-                       f"a benchmark run") from err
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        raise gr.Error(public(f"{Path(path).name} is not a `cidm bench` results.json ({err!r}); pick "
+                              f"DIR/results.json of a benchmark run")) from err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,61 +512,73 @@ def methods_view(results_file):
 def library_view(request: gr.Request = None):
     try:
         lib = Library(library_path(request), read_only=True)  # reading only: safe beside a running task
+        rows = [[n, r["class_word"], r["kind"], r.get("task", ""), r.get("created", ""), r.get("seconds", "")]
+                for n, r in ((n, lib.record(n)) for n in lib.names)]
+        images = [(str(p), f"<{n}>") for n in lib.names for p in lib.images(n)[:2]]  # files inside the library only
     except USER_ERRORS as err:
-        raise user_error(err) from err
-    rows = [[n, r["class_word"], r["kind"], r["task"], r["created"], r.get("seconds", "")]
-            for n, r in ((n, lib.record(n)) for n in lib.names)]
-    images = [(str(p), f"<{n}>") for n in lib.names for p in sorted((lib.concept_dir(n) / "images").glob("*"))[:2]]
+        raise user_error(err, request) from err
     return rows, images, gr.update(choices=lib.names, value=None)
 
 
 @spaces.GPU(duration=30)
+@counted
 def delete(name, request: gr.Request = None):
     if not name:
         raise gr.Error("Pick a concept to delete.")
     try:
         studio(request).delete(name)
     except USER_ERRORS as err:
-        raise user_error(err) from err
+        raise user_error(err, request) from err
     return library_view(request)
 
 
 def download(request: gr.Request = None):
+    """The library as a zip: a snapshot of the files its manifest names (never a half-written change), kept as the
+    session's only download until the session expires."""
     root = library_path(request)
     if not (root / "library.json").exists():
         raise gr.Error("The library is empty: learn a concept first.")
-    archive = shutil.make_archive(str(Path(tempfile.mkdtemp()) / "cidm-library"), "zip", root)
+    try:
+        lib = Library(root)
+        folder = sessions.download_dir(SESSIONS, session_id(request))
+        with lib.staging() as stage:
+            lib.snapshot(stage / "library")
+            archive = shutil.make_archive(str(folder / "cidm-library"), "zip", stage / "library")
+    except USER_ERRORS as err:
+        raise user_error(err, request) from err
     return archive
 
 
 def push(repo_id, private, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None):
     from cidm.hub import push_library
 
-    token = oauth_token.token if oauth_token is not None else os.environ.get("HF_TOKEN")
+    token = hub_token(oauth_token)
     try:
-        url = push_library(library_path(request), (repo_id or "").strip(), token, private=private,
+        url = push_library(library_path(request), (repo_id or "").strip(), token, private=bool(private),
                            endpoint=os.environ.get("HF_ENDPOINT"))
     except USER_ERRORS as err:
-        raise user_error(err) from err
+        raise user_error(err, request) from err
     return f"Pushed to {url}"
 
 
+@counted
 def pull(repo_id, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None):
     """Load a library from the Hub into this session's (empty) library."""
     from cidm.hub import pull_library
 
-    token = oauth_token.token if oauth_token is not None else os.environ.get("HF_TOKEN")
+    token = hub_token(oauth_token)
     path = library_path(request)
     pipe, info = base()
+    repo_id = (repo_id or "").strip()
     try:
-        pull_library((repo_id or "").strip(), path, token, endpoint=os.environ.get("HF_ENDPOINT"),
+        pull_library(repo_id, path, token, endpoint=os.environ.get("HF_ENDPOINT"),
                      base=(info.source, info.num_cross_attn_layers))
     except USER_ERRORS as err:
-        raise user_error(err) from err
+        raise user_error(err, request) from err
     with _LOAD_LOCK:
         _ACTIVE.clear()  # the next use loads the pulled library
     rows, images, names = library_view(request)
-    return rows, images, names, f"Loaded {len(rows)} concepts from `{repo_id.strip()}`."
+    return rows, images, names, f"Loaded {len(rows)} concepts from `{repo_id}`."
 
 
 def build_library_tab():
@@ -401,22 +598,27 @@ def build_library_tab():
         download_hub = gr.Button("Load from the Hub (into an empty library)")
     status = gr.Markdown()
     refresh.click(library_view, None, [table, images, name], api_name="library")
-    remove.click(delete, name, [table, images, name], api_name="delete", concurrency_id="gpu")
+    remove.click(delete, name, [table, images, name], api_name="delete", concurrency_id="gpu",
+                 validator=admit(1))
     zipped.click(download, None, zipped, api_name="download")
     upload.click(push, [repo, private], status, api_name="push")
-    download_hub.click(pull, repo, [table, images, name, status], api_name="pull", concurrency_id="gpu")
+    download_hub.click(pull, repo, [table, images, name, status], api_name="pull", concurrency_id="gpu",
+                       validator=admit(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def build_app() -> gr.Blocks:
-    with gr.Blocks(title="CIDM Studio") as demo:
+    # Gradio's own copies (uploads, results, downloads) are deleted after the same time to live as session folders
+    ttl = int(sessions.TTL_SECONDS)
+    with gr.Blocks(title="CIDM Studio", delete_cache=(min(3600, ttl), ttl)) as demo:
         gr.Markdown("# CIDM Studio\nLearn your own concepts one after another without forgetting the earlier ones, "
                     f"and compose them where you draw boxes. Base model: `{models.default_model()}`.")
         if ON_SPACE:
-            gr.Markdown("Your concepts and photos stay in your browser session. For a private library that persists, "
-                        "and a GPU, duplicate this Space.")
+            gr.Markdown(f"Your concepts and photos stay in your browser session: nobody else sees them, and they are "
+                        f"deleted {ttl // 3600} hours after your last use. For a private library that persists, and a "
+                        f"GPU, duplicate this Space.")
             gr.DuplicateButton()
         with gr.Tabs():
             with gr.Tab("Generate"):
@@ -431,9 +633,15 @@ def build_app() -> gr.Blocks:
                 build_library_tab()
         demo.load(blank_canvas, None, canvas)
     demo.queue(max_size=16, default_concurrency_limit=1)
+    _DEMO["demo"] = demo
     return demo
 
 
+def launch(demo: gr.Blocks, **kwargs):
+    """`demo.launch` with the app's limits (the largest upload) and look."""
+    return demo.launch(**{"max_file_size": MAX_FILE_SIZE, "css": CSS, **kwargs})
+
+
 if __name__ == "__main__":
-    build_app().launch(css=CSS, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                       server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    launch(build_app(), server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+           server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))

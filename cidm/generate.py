@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -12,8 +13,8 @@ from .attention import install_processors
 from .ewa import ewa_weights, merged
 from .lora import LoRAWeights
 from .models import precision_context
-from .sampling import (classifier_free_guidance, decode, denoise, encode_image, initial_latents, latent_size,
-                       partial_timesteps, predict_noise)
+from .sampling import (SEED_MAX, classifier_free_guidance, decode, denoise, encode_image, initial_latents,
+                       latent_size, partial_timesteps, predict_noise)
 
 
 @dataclasses.dataclass
@@ -32,6 +33,17 @@ class GenerateConfig:
     width: int | None = None
     context_strength: float = 0.6  # LFS in-context generation: how much of a concept's vision context is re-noised
     mixed_precision: str = "no"  # autocast of the UNet passes: "no" | "fp16" | "bf16" (CPU bf16: ~1.4× faster)
+
+    def __post_init__(self):
+        for field in ("steps", "num_images"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a whole number of at least 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {self.seed!r}")
+        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
+            raise ValueError(f"guidance must be a finite number, got {self.guidance!r}: NaN or infinity would give a "
+                             f"black image")
 
 
 MERGES = ("ewa", "mean", "sum", "last", "composite", "none")

@@ -2,42 +2,47 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-
-from huggingface_hub import ModelCard, ModelCardData
 
 
 def push_library(root, repo_id: str, token: str, private: bool = True, api=None, endpoint: str | None = None) -> str:
     """Upload a whole library (manifest + concept folders) as one model repo; returns its URL.
 
+    What is uploaded is a snapshot taken under the library's lock: exactly the files the manifest accounts for, as
+    they were at one moment (a concept learned meanwhile is not half in it), and never a staging or lock file.
     `endpoint`: another Hub (default: huggingface.co, or HF_ENDPOINT).
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from .library import MANIFEST, Library
+
     root = Path(root)
-    if not (root / "library.json").is_file():
+    if not (root / MANIFEST).is_file():
         raise ValueError(f"{root} holds no library.json: learn a concept first")
     if not token:
         raise ValueError("no Hugging Face token: sign in with the Hugging Face button (on a Space) or set HF_TOKEN")
     check_repo_id(repo_id)
+    library = Library(root)
     api = api or HfApi(token=token, endpoint=endpoint)
-    try:
-        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        card = ModelCard.from_template(
-            ModelCardData(tags=["text-to-image", "diffusers", "lora", "cidm"], library_name="diffusers"),
-            template_str="---\n{{ card_data }}\n---\n\n# A CIDM concept library\n\nConcepts learned one after "
-                         "another with CIDM Studio; each folder holds a diffusers LoRA, layer-wise tokens and a model "
-                         "card.\n")
-        card.save(root / "README.md")
-        api.upload_folder(repo_id=repo_id, folder_path=str(root), repo_type="model",
-                          ignore_patterns=[".staging-*", ".trash-*", "*.tmp"],
-                          commit_message="Update CIDM concept library")
-    except HfHubHTTPError as err:
-        raise ValueError(f"the Hub refused the push to {repo_id!r}: {err}. Check that your token may write there "
-                         f"(scope 'contribute-repos' or a write token)") from err
+    library.write_card()
+    with library.staging() as stage:
+        library.snapshot(stage / "library")
+        try:
+            url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=str(stage / "library"), repo_type="model",
+                              commit_message="Update CIDM concept library")
+        except HfHubHTTPError as err:
+            raise ValueError(f"the Hub refused the push to {repo_id!r}: {err}. Check that your token may write "
+                             f"there (scope 'contribute-repos' or a write token)") from err
+        except hub_errors() as err:
+            raise ValueError(f"could not reach the Hub to push {repo_id!r} ({type(err).__name__}); check the network "
+                             f"and try again") from err
     return str(url)
 
 
@@ -45,41 +50,103 @@ def pull_library(repo_id: str, dest, token: str | None = None, endpoint: str | N
                  base: tuple[str, int] | None = None) -> Path:
     """Download a library pushed with `push_library` into `dest`, which must hold no concepts yet.
 
-    It lands in a temporary folder first and moves into place only when it is a valid library (and, given `base` =
-    (base model, cross-attention layers), one learned on that base): nothing the user has is overwritten.
+    Its `library.json` comes first and is checked (names, task-shared file, paths, base model, number of concepts);
+    then the repo's listing tells the size of what that manifest names, which must stay under `MAX_PULL_BYTES`, and
+    only those files are downloaded. It lands in a temporary folder beside `dest` and moves in by renames, under
+    `dest`'s lock, `library.json` last: nothing the user has is overwritten and nothing outside `dest` is removed.
+    `token`: the visitor's; None means anonymous (a stored or HF_TOKEN token is never picked up silently).
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
 
-    from .library import Library, LibraryError
+    from .library import (CARD_FILE, CONCEPT_FILES, FORGETTING, MANIFEST, MAX_CONCEPTS, MAX_MANIFEST_BYTES, Library,
+                          LibraryError)
 
     check_repo_id(repo_id)
     dest = Path(dest)
-    if (dest / "library.json").is_file() and Library(dest, read_only=True).names:
+    if Library(dest, read_only=True).names:
         raise ValueError(f"this library already has concepts ({', '.join(Library(dest, read_only=True).names)}); "
                          f"load a Hub library into an empty one (download or delete these first)")
+    auth = token or False
+
+    def fetch(what: str, call):
+        try:
+            return call()
+        except hub_errors() as err:
+            raise ValueError(f"could not download {repo_id!r} from the Hub ({what}): {err}. Check the repo id, that "
+                             f"you may read it (private repos need your token), and the network") from err
+
+    listing = fetch("its file list", lambda: {
+        f.path: f.size or 0 for f in HfApi(endpoint=endpoint).list_repo_tree(repo_id, recursive=True, token=auth)
+        if isinstance(f, RepoFile)})
+    if MANIFEST not in listing:
+        raise ValueError(f"{repo_id!r} holds no library.json: it is not a CIDM Studio library")
+    if listing[MANIFEST] > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{repo_id!r}: its library.json is {listing[MANIFEST] / 2 ** 20:.0f} MB; a library "
+                         f"manifest is a few KB")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pull-") as tmp:
-        try:
-            snapshot_download(repo_id, repo_type="model", local_dir=tmp, token=token or None, endpoint=endpoint)
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-            raise ValueError(f"could not download {repo_id!r} from the Hub: {err}. Check the repo id, that you may "
-                             f"read it (private repos need your token), and the network") from err
-        shutil.rmtree(Path(tmp) / ".cache", ignore_errors=True)
-        if not (Path(tmp) / "library.json").is_file():
-            raise ValueError(f"{repo_id!r} holds no library.json: it is not a CIDM Studio library")
-        try:
-            pulled = Library(tmp)
-            if base is not None:
-                pulled.check_base(*base)
-        except LibraryError as err:
-            raise ValueError(f"{repo_id!r}: {err}") from err
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.move(tmp, dest)
-        Path(tmp).mkdir()  # for TemporaryDirectory's own clean-up
+        stage = Path(tmp)
+
+        def checked() -> Library:
+            try:
+                pulled = Library(stage, read_only=True)
+                if base is not None:
+                    pulled.check_base(*base)
+            except LibraryError as err:
+                raise ValueError(f"{repo_id!r}: {str(err).replace(str(stage), 'the pulled library')}") from err
+            if len(pulled) > MAX_CONCEPTS:
+                raise ValueError(f"{repo_id!r} holds {len(pulled)} concepts, more than the {MAX_CONCEPTS} a library "
+                                 f"may hold here (CIDM_MAX_CONCEPTS)")
+            return pulled
+
+        fetch("library.json", lambda: hf_hub_download(repo_id, MANIFEST, local_dir=tmp, token=auth,
+                                                      endpoint=endpoint))
+        pulled = checked()
+        patterns = [MANIFEST, CARD_FILE, f"{FORGETTING}/*", *(f"{n}/*" for n in pulled.names)]
+        patterns += [pulled.manifest["task_shared"]] if pulled.manifest.get("task_shared") else []
+        wanted = list(filter_repo_objects(listing, allow_patterns=patterns))
+        size = sum(listing[f] for f in wanted)
+        if size > MAX_PULL_BYTES or len(wanted) > MAX_PULL_FILES:
+            raise ValueError(f"{repo_id!r} is too large to load here: {size / 2 ** 20:.0f} MB in {len(wanted)} files "
+                             f"(at most {MAX_PULL_BYTES / 2 ** 20:.0f} MB and {MAX_PULL_FILES} files, "
+                             f"CIDM_MAX_PULL_MB)")
+        fetch("its files", lambda: snapshot_download(repo_id, local_dir=tmp, allow_patterns=patterns, token=auth,
+                                                     endpoint=endpoint))
+        shutil.rmtree(stage / ".cache", ignore_errors=True)
+        pulled = checked()  # the repo may have changed between the two downloads
+        got = [p for p in stage.rglob("*") if p.is_file()]
+        if sum(p.stat().st_size for p in got) > MAX_PULL_BYTES:
+            raise ValueError(f"{repo_id!r} grew beyond {MAX_PULL_BYTES / 2 ** 20:.0f} MB while it downloaded")
+        missing = [f"{n}/{f}" for n in pulled.names for f in CONCEPT_FILES if not (stage / n / f).is_file()]
+        if missing:
+            raise ValueError(f"{repo_id!r} lacks {missing[0]}: it is not a complete CIDM Studio library")
+        Library(dest).move_in(stage)
     return dest
 
 
+MAX_PULL_BYTES = int(float(os.environ.get("CIDM_MAX_PULL_MB", "2048")) * 2 ** 20)  # what one pull may download
+MAX_PULL_FILES = 20_000
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when the Hub refuses, cannot be reached or is switched off (HF_HUB_OFFLINE): its
+    HTTP errors, those of its HTTP library (httpx or httpx2, by version), and OSError."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [OSError, HfHubHTTPError]
+    for module in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
 def check_repo_id(repo_id: str) -> None:
-    if not repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"repo id {repo_id!r} should look like 'your-name/my-concepts'")
+    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or \
+            repo_id.endswith((".", "-")) or repo_id.split("/")[0].endswith((".", "-")):
+        raise ValueError(f"repo id {repo_id!r:.80} should look like 'your-name/my-concepts' (letters, digits, '-', "
+                         f"'_' and '.')")

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,10 @@ __all__ = ["ImageInputError", "load_image", "load_images", "fit_square", "to_ten
            "prepare_training_images", "with_parameters", "save_png"]
 
 MIN_SIDE = 16
+# The most pixels (width × height) an upload may decode to. Checked from the file's header, before decoding: a larger
+# JPEG is decoded at a reduced scale (its DCT allows 1/2, 1/4, 1/8), anything else is refused. A 435 KB PNG can hold
+# 12000×12000 pixels (432 MB as RGB); Pillow's own limit only starts at 89 M pixels (a warning) and 179 M (an error).
+MAX_PIXELS = 25_000_000
 # Formats we let Pillow decode from uploads ("JPEG" also opens phone cameras' multi-picture MPO files).
 # Restricting the list keeps Pillow from handing untrusted files to plugins such as EPS, which runs Ghostscript.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -50,18 +55,26 @@ class ImageInputError(ValueError):
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_image(source) -> Image.Image:
+def load_image(source, reduce_to: int | None = None) -> Image.Image:
     """Open one upload and return it as an 8-bit RGB image.
 
     ``source`` may be a path (str/Path), bytes, a binary file-like object, a PIL image, a uint8 numpy array
     shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), or a gradio-gallery style ``(image, caption)`` pair.
-    Raises ImageInputError for unreadable files and images smaller than 16 px on a side.
+    Raises ImageInputError for unreadable files, images smaller than 16 px on a side, and files that would decode to
+    more than ``MAX_PIXELS`` (a JPEG is decoded reduced instead). ``reduce_to``: a JPEG may be decoded at a reduced
+    scale whose sides stay at least this many pixels (the caller resizes to that size anyway).
     """
-    return _load(source, fallback_name="uploaded image")
+    return _load(source, fallback_name="uploaded image", reduce_to=reduce_to)
 
 
 def load_images(sources, min_count: int = 1, max_count: int = 50) -> list[Image.Image]:
     """``load_image`` for each source; raises ImageInputError unless min_count <= count <= max_count."""
+    sources = _counted(sources, min_count, max_count)
+    return [_load(s, fallback_name=f"image {i + 1} of {len(sources)}") for i, s in enumerate(sources)]
+
+
+def _counted(sources, min_count: int, max_count: int) -> list:
+    """The uploads as a list, or ImageInputError unless min_count <= count <= max_count."""
     if min_count < 0 or max_count < min_count:
         raise ValueError(f"need 0 <= min_count <= max_count, got min_count={min_count}, max_count={max_count}")
     if sources is None:
@@ -77,10 +90,10 @@ def load_images(sources, min_count: int = 1, max_count: int = 50) -> list[Image.
         raise ImageInputError(f"got {n} image{'s' if n != 1 else ''}, but {limits} are needed "
                               f"(allowed: {min_count} to {max_count}): upload between {min_count} and "
                               f"{max_count} images")
-    return [_load(s, fallback_name=f"image {i + 1} of {n}") for i, s in enumerate(sources)]
+    return sources
 
 
-def _load(source, fallback_name: str) -> Image.Image:
+def _load(source, fallback_name: str, reduce_to: int | None = None) -> Image.Image:
     if isinstance(source, tuple) and len(source) == 2 and (source[1] is None or isinstance(source[1], str)):
         source = source[0]  # (image, caption) as a gr.Gallery gives it
     name = _name_of(source, fallback_name)
@@ -88,6 +101,7 @@ def _load(source, fallback_name: str) -> Image.Image:
     if isinstance(source, np.ndarray):
         image = _from_array(source, name)
     elif isinstance(source, Image.Image):
+        _check_pixels(source, name)
         try:
             source.load()
             image = _first_frame(source)
@@ -96,12 +110,12 @@ def _load(source, fallback_name: str) -> Image.Image:
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise ImageInputError(f"{name} was not found ({path}): upload the file again")
-        image = _decode(path, name)
+            raise ImageInputError(f"{name} was not found: upload the file again")
+        image = _decode(path, name, reduce_to)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        image = _decode(io.BytesIO(bytes(source)), name)
+        image = _decode(io.BytesIO(bytes(source)), name, reduce_to)
     elif hasattr(source, "read"):
-        image = _decode(source, name)
+        image = _decode(source, name, reduce_to)
     else:
         raise ImageInputError(f"{name} is a {type(source).__name__}, not an image: pass a file path, bytes, a "
                               "file object, a PIL image or a uint8 numpy array")
@@ -127,15 +141,37 @@ def _unreadable(name: str, exc: BaseException) -> ImageInputError:
     return ImageInputError(f"{name} is not an image Pillow can read ({reason}): {_ADVICE}")
 
 
-def _decode(fp, name: str) -> Image.Image:
-    """Open, fully decode and detach the first frame, so the file can be closed afterwards."""
+def _decode(fp, name: str, reduce_to: int | None = None) -> Image.Image:
+    """Open, check the size in the header, decode (a JPEG reduced where allowed) and detach the first frame, so the
+    file can be closed afterwards."""
     try:
-        with Image.open(fp, formats=ACCEPTED_FORMATS) as opened:
+        with warnings.catch_warnings():  # Pillow's warning above 89 M pixels: the budget below is stricter
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(fp, formats=ACCEPTED_FORMATS)
+        with opened:
+            w, h = opened.size
+            if opened.format in ("JPEG", "MPO"):  # decoded at 1/s of its size, s in 1, 2, 4, 8
+                s = 1
+                while s < 8 and w * h > MAX_PIXELS * s * s:  # within the budget
+                    s *= 2
+                while reduce_to and s < 8 and min(w, h) // (2 * s) >= reduce_to:  # no larger than needed
+                    s *= 2
+                if s > 1:
+                    opened.draft(opened.mode, (w // s, h // s))
+            _check_pixels(opened, name)
             return _first_frame(opened)
     except Image.DecompressionBombError as exc:
         raise ImageInputError(f"{name} is too large to open safely ({exc}): upload a smaller image") from exc
     except _DECODE_ERRORS as exc:
         raise _unreadable(name, exc) from exc
+
+
+def _check_pixels(image: Image.Image, name: str) -> None:
+    w, h = image.size
+    if w * h > MAX_PIXELS:
+        raise ImageInputError(f"{name} is {w}×{h} pixels ({w * h / 1e6:.0f} M), more than the "
+                              f"{MAX_PIXELS / 1e6:.0f} M pixels an upload may have: upload a smaller image (a JPEG "
+                              f"of any size is reduced while it is read)")
 
 
 def _first_frame(image: Image.Image) -> Image.Image:
@@ -249,6 +285,14 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
 
 
+
+def fit_model_side(image: Image.Image, side: int, multiple: int) -> Image.Image:
+    """The image resized so that its longer side is `side`, both sides multiples of `multiple` (the VAE's factor)."""
+    w, h = image.size
+    scale = side / max(w, h)
+    size = tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (w, h))
+    return image if size == (w, h) else image.resize(size, Image.Resampling.LANCZOS)
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
     if image.mode != "RGB":
@@ -308,9 +352,11 @@ class Augment:
 
 
 def prepare_training_images(sources, size: int) -> torch.Tensor:
-    """Uploads -> (N, 3, size, size) float32 tensor in [-1, 1] (load_images, fit_square, to_tensor)."""
-    images = load_images(sources, min_count=1)
-    return torch.stack([to_tensor(fit_square(image, size)) for image in images])
+    """Uploads -> (N, 3, size, size) float32 tensor in [-1, 1] (load_image, fit_square, to_tensor), one upload at a
+    time, so that at most one is held at full size (a JPEG is decoded no larger than it needs to be)."""
+    sources = _counted(sources, 1, 50)
+    return torch.stack([to_tensor(fit_square(_load(s, f"image {i + 1} of {len(sources)}", reduce_to=size), size))
+                        for i, s in enumerate(sources)])
 
 
 def with_parameters(images: list[Image.Image], prompts: list[str], **parameters) -> list[Image.Image]:

@@ -15,6 +15,10 @@ This module owns every file format of the library; the rest of the package hands
 Every change is atomic: files are written into a staging folder beside the concepts, moved into place, and the
 change becomes real only when `library.json` is replaced (`os.replace`). A crash or kill at any moment leaves the
 previous manifest and every earlier concept exactly as they were; stray staging folders are swept on the next open.
+
+Several writers (two Studios, the app beside the command line) may share one library: every read-modify-write of the
+manifest holds the lock file `.lock` and re-reads the manifest under it, so no writer's change is lost. A manifest is
+never trusted: every read checks names, the task-shared file name and that every path stays inside the library.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 from safetensors import safe_open
@@ -45,7 +50,14 @@ IMAGES = "images"
 FORGETTING = "forgetting"
 NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 NAME_HELP = ("1–40 characters: lower-case letters a–z, digits, '-' and '_', starting with a letter or digit "
-             "(no spaces, no path separators, no '..')")
+             "(no spaces, no path separators, no '..'; not 'forgetting')")
+RESERVED = (FORGETTING,)  # folders of a library that are not concepts (`write_forgetting` writes there)
+TASK_SHARED_RULE = re.compile(r"^task_shared-[0-9a-f]{8}\.safetensors$")
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT = 60.0  # seconds a writer waits for another one before giving up with a clear error
+MAX_CONCEPTS = int(os.environ.get("CIDM_MAX_CONCEPTS", "50"))  # concepts one library may hold
+MAX_MANIFEST_BYTES = 4 * 2 ** 20  # a library.json larger than this is refused before it is parsed
+CONCEPT_FILES = (TOKENS_FILE, LORA_FILE)  # what marks a folder as a concept
 
 
 class LibraryError(ValueError):
@@ -53,9 +65,57 @@ class LibraryError(ValueError):
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RULE.match(name):
-        raise LibraryError(f"concept name {name!r} is not allowed: use {NAME_HELP}.")
+    if not isinstance(name, str) or not NAME_RULE.match(name) or name in RESERVED:
+        raise LibraryError(f"concept name {_short(name)} is not allowed: use {NAME_HELP}.")
     return name
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr() of a value from outside, cut to `limit` characters (a hostile name can be a megabyte long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """`path`, once it is known to stay inside `root` after resolving '..' and symbolic links; else LibraryError."""
+    root_resolved, resolved = Path(root).resolve(), Path(path).resolve()
+    if resolved != root_resolved and root_resolved not in resolved.parents:
+        raise LibraryError(f"{_short(str(Path(path).name))} points outside its folder; refused")
+    return Path(path)
+
+
+def check_manifest(data, where: str) -> dict:
+    """The manifest if it follows the rules a library writes by, else LibraryError (it may come from the Hub)."""
+    def bad(why: str):
+        raise LibraryError(f"{where} is not a valid library manifest: {why}; restore it from a copy or start a new "
+                           f"library folder")
+
+    if not isinstance(data, dict):
+        bad("it is not a JSON object")
+    if data.get("format") != FORMAT:
+        raise LibraryError(f"{where} has format {_short(data.get('format'))}; this version reads format {FORMAT}")
+    tasks, concepts = data.get("tasks"), data.get("concepts")
+    if not isinstance(tasks, list) or not isinstance(concepts, dict):
+        bad("'tasks' must be a list and 'concepts' an object")
+    for name in tasks:
+        if not isinstance(name, str) or not NAME_RULE.match(name) or name in RESERVED:
+            bad(f"concept name {_short(name)} breaks the naming rule ({NAME_HELP})")
+    if len(set(tasks)) != len(tasks) or set(concepts) != set(tasks):
+        bad("'tasks' and 'concepts' must name the same concepts, each once")
+    for name, record in concepts.items():
+        if not isinstance(record, dict) or not isinstance(record.get("class_word"), str) or \
+                record.get("kind") not in ("object", "style"):
+            bad(f"the record of {name!r} needs a class_word and a kind ('object' or 'style')")
+    shared = data.get("task_shared")
+    if shared is not None and (not isinstance(shared, str) or not TASK_SHARED_RULE.match(shared)):
+        bad(f"task_shared {_short(shared)} is not a file name task_shared-<8 hex digits>.safetensors")
+    base = data.get("base_model")
+    if base is not None and not (isinstance(base, dict) and isinstance(base.get("source"), str)
+                                 and type(base.get("n_layers")) is int):
+        bad("base_model needs a 'source' and a whole number 'n_layers'")
+    if not isinstance(data.get("settings", {}), dict) or not isinstance(data.get("method") or "", str):
+        bad("'settings' must be an object and 'method' a name")
+    return data
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -144,12 +204,23 @@ def concept_card(name: str, class_word: str, kind: str, base_model: str) -> Mode
                                    base_model=base_model, instance_prompt=prompt)
 
 
+LIBRARY_CARD = ("---\n{{ card_data }}\n---\n\n# A CIDM concept library\n\nConcepts learned one after another with CIDM "
+                "Studio; each folder holds a diffusers LoRA, layer-wise tokens and a model card.\n")
+
+
+def library_card() -> ModelCard:
+    return ModelCard.from_template(ModelCardData(tags=["text-to-image", "diffusers", "lora", "cidm"],
+                                                 library_name="diffusers"), template_str=LIBRARY_CARD)
+
+
 class Library:
     """A concept library on disk (created on first write)."""
 
     def __init__(self, root: str | Path, read_only: bool = False):
         """`read_only`: only read the manifest (safe beside a writer in another thread; nothing is swept)."""
         self.root = Path(root).expanduser()
+        self.read_only = read_only
+        self._lock: FileLock | None = None
         self.manifest = self._read()
         if not read_only:
             self._sweep()
@@ -159,22 +230,83 @@ class Library:
         if not path.exists():
             return {"format": FORMAT, "base_model": None, "method": None, "settings": {}, "tasks": [],
                     "concepts": {}, "task_shared": None}
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise LibraryError(f"{path} is larger than {MAX_MANIFEST_BYTES // 2 ** 20} MB; it is not a library "
+                               f"manifest")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise LibraryError(f"{path} is not valid JSON ({err}); restore it from a copy or start a new library "
                                f"folder") from err
-        if data.get("format") != FORMAT:
-            raise LibraryError(f"{path} has format {data.get('format')!r}; this version reads format {FORMAT}")
+        check_manifest(data, str(path))
+        for name in data["tasks"]:
+            inside(self.root, self.root / name)
+        if data.get("task_shared"):
+            inside(self.root, self.root / data["task_shared"])
         return data
 
+    def reload(self) -> None:
+        """Read the manifest again (another writer may have changed it) and, unless read-only, sweep what interrupted
+        writes left."""
+        self.manifest = self._read()
+        if not self.read_only:
+            self._sweep()
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = LOCK_TIMEOUT):
+        """Hold the library's lock file: other Studios, the command line and other threads wait (reentrant for this
+        object in one thread). Writers re-read the manifest under it before they change it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = FileLock(str(self.root / LOCK_FILE))
+        try:
+            self._lock.acquire(timeout=timeout)
+        except Timeout:
+            raise LibraryError(f"the library is busy: another Studio or the command line has been writing it for "
+                               f"{timeout:.0f} s; try again in a moment") from None
+        try:
+            yield self
+        finally:
+            self._lock.release()
+
     def _sweep(self) -> None:
-        """Remove what an interrupted write left behind: staging folders and unreferenced concept folders."""
+        """Remove what an interrupted write left behind: dead staging folders, trash, temporary files, and the
+        concept folders and task-shared files the manifest does not name. A replace that crashed before its manifest
+        was published is rolled back: the old concept returns to its folder."""
         if not self.root.exists():
             return
-        for p in self.root.iterdir():
-            if p.name.startswith(".staging-") or p.name.startswith(".trash-") or p.name.endswith(".tmp"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        try:
+            with self.lock(timeout=0):  # another writer at work: it cleans up after itself, the next open sweeps
+                self.manifest = manifest = self._read()
+                named = set(manifest["tasks"]) | set(RESERVED) | {manifest.get("task_shared")}
+                is_library = (self.root / MANIFEST).exists()
+                for p in sorted(self.root.iterdir()):
+                    if p.name.startswith(".trash-"):
+                        self._restore_or_drop(p, manifest)
+                    elif p.name.startswith(".staging-"):
+                        if not _staging_alive(p):
+                            _remove(p)
+                    elif p.name.endswith(".tmp") or p.name.startswith(".task_shared"):
+                        _remove(p)
+                    elif is_library and p.name not in named and (
+                            TASK_SHARED_RULE.match(p.name) or (NAME_RULE.match(p.name) and p.is_dir() and any(
+                                (p / f).exists() for f in CONCEPT_FILES))):
+                        _remove(p)  # written by a commit whose manifest never appeared
+        except LibraryError:
+            return
+
+    def _restore_or_drop(self, trash: Path, manifest: dict) -> None:
+        """`.trash-<name>-<commit>` holds a replaced concept: garbage once the manifest names that commit, else the
+        replace never got published and the old concept goes back into place."""
+        name, _, commit = trash.name.removeprefix(".trash-").rpartition("-")
+        record = manifest["concepts"].get(name)
+        if record is None or record.get("commit") == commit or not trash.is_dir() or trash.is_symlink():
+            _remove(trash)
+            return
+        target = self.root / name
+        if target.exists() or target.is_symlink():
+            _remove(target)
+        os.replace(trash, target)
 
     # ------------------------------------------------------------------------------------------------------------
     # reading
@@ -194,12 +326,45 @@ class Library:
 
     def concept_dir(self, name: str) -> Path:
         self.record(name)
-        return self.root / name
+        return inside(self.root, self.root / name)
+
+    def images(self, name: str) -> list[Path]:
+        """A concept's reference images (files inside the library only)."""
+        folder = self.concept_dir(name) / IMAGES
+        return [p for p in sorted(folder.glob("*.png")) if p.is_file() and _is_inside(self.root, p)]
 
     @property
     def task_shared_file(self) -> Path | None:
         name = self.manifest.get("task_shared")
-        return self.root / name if name else None
+        return inside(self.root, self.root / name) if name else None
+
+    def files(self) -> list[str]:
+        """Every file that belongs to the library, relative to its root: the manifest, the model card, the
+        task-shared state, the concept folders it names and the stored re-generations. Nothing else (no staging,
+        lock or temporary files, nothing that resolves outside the library)."""
+        top = [MANIFEST, CARD_FILE, self.manifest.get("task_shared")]
+        out = [f for f in top if f and (self.root / f).is_file() and _is_inside(self.root, self.root / f)]
+        for folder in [*self.manifest["tasks"], *RESERVED]:
+            base = self.root / folder
+            if base.is_dir() and _is_inside(self.root, base):
+                out += [str(p.relative_to(self.root)) for p in sorted(base.rglob("*"))
+                        if p.is_file() and not p.name.startswith(".") and _is_inside(self.root, p)]
+        return out
+
+    def snapshot(self, dest: str | Path) -> list[str]:
+        """Hard-link (or copy) every file of the library into `dest`, under the lock: a consistent copy that later
+        changes do not touch (a change writes new files and renames them into place; it never rewrites one)."""
+        dest = Path(dest)
+        with self.lock():
+            self.manifest = self._read()
+            names = self.files()
+            for rel in names:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(self.root / rel, dest / rel)
+                except OSError:
+                    shutil.copy2(self.root / rel, dest / rel)
+        return names
 
     def read_tokens(self, name: str) -> torch.Tensor:
         return read_tensors(self.concept_dir(name) / TOKENS_FILE)[0]["embeddings"]
@@ -207,18 +372,23 @@ class Library:
     def read_lora(self, name: str, device="cpu") -> LoRAWeights:
         return read_lora(self.concept_dir(name), device)
 
+    def _concept_file(self, name: str, file: str) -> Path | None:
+        """A file kept beside a concept, if it is there and stays inside the library."""
+        path = self.concept_dir(name) / file
+        return path if path.is_file() and _is_inside(self.root, path) else None
+
     def read_tensors(self, name: str, file: str) -> dict[str, torch.Tensor] | None:
         """A method's tensors kept beside a concept, or None where it kept none."""
-        path = self.concept_dir(name) / file
-        return read_tensors(path)[0] if path.exists() else None
+        path = self._concept_file(name, file)
+        return read_tensors(path)[0] if path is not None else None
 
     def read_image(self, name: str, file: str) -> Image.Image | None:
         """A method's image kept beside a concept, or None where it kept none."""
-        path = self.concept_dir(name) / file
-        return Image.open(path).convert("RGB") if path.exists() else None
+        path = self._concept_file(name, file)
+        return Image.open(path).convert("RGB") if path is not None else None
 
     def reference_images(self, name: str) -> list[Image.Image]:
-        return [Image.open(p).convert("RGB") for p in sorted((self.concept_dir(name) / IMAGES).glob("*.png"))]
+        return [Image.open(p).convert("RGB") for p in self.images(name)]
 
     def read_task_shared(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """The method's state kept once per library (tensors, metadata), or None."""
@@ -235,7 +405,7 @@ class Library:
 
     def write_forgetting(self, task: int, images: dict[str, dict[int, Image.Image]], scores: dict) -> None:
         """Every concept's images re-generated after `task` (by seed), and their scores."""
-        folder = self.root / FORGETTING / f"after-{task:02d}"
+        folder = inside(self.root, self.root / FORGETTING / f"after-{task:02d}")
         folder.mkdir(parents=True, exist_ok=True)
         for name, by_seed in images.items():
             for seed, image in by_seed.items():
@@ -259,14 +429,18 @@ class Library:
 
     @contextlib.contextmanager
     def staging(self):
-        """A fresh folder beside the concepts for writing a change; removed if the change is not committed."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f".staging-{uuid.uuid4().hex}"
-        path.mkdir()
+        """A fresh folder beside the concepts for writing a change; removed if the change is not committed. It holds
+        a lock of its own while in use, so that a sweep (from another Studio or process) leaves it alone."""
+        with self.lock():  # made and marked live at once: a sweep never sees it unmarked
+            path = self.root / f".staging-{uuid.uuid4().hex}"
+            path.mkdir()
+            live = FileLock(str(path / ".live"))
+            live.acquire(timeout=0)
         try:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+            live.release()
 
     def stage_concept(self, stage: Path, name: str, token_rows: torch.Tensor, token_meta: dict, lora: LoRAWeights,
                       lora_config: dict, pixels: torch.Tensor, card: dict, method_files: dict) -> Path:
@@ -286,44 +460,60 @@ class Library:
         return folder
 
     def check_new(self, name: str, replace: bool = False) -> None:
-        validate_name(name)
-        if name in self.manifest["concepts"] and not replace:
-            raise LibraryError(f"a concept named {name!r} already exists; choose another name, or ask to replace it "
-                               f"(--replace / the Replace box)")
+        _check_new(self.manifest, name, replace)
 
     def commit_concept(self, name: str, staged: Path, record: dict, base: dict, method: str, settings: dict,
                        state: tuple[dict, dict] | None, replace: bool = False) -> None:
-        """Move a staged concept folder into place and publish it (and the method's new state) in the manifest."""
-        self.check_new(name, replace)
-        manifest = json.loads(json.dumps(self.manifest))
-        if manifest["base_model"] is None:
-            manifest.update(base_model=base, method=method, settings=settings)
-        trash = None
-        target = self.root / name
-        if target.exists():  # a replaced concept, or a leftover not in the manifest
-            trash = self.root / f".trash-{uuid.uuid4().hex}"
-            os.replace(target, trash)
-        os.replace(staged, target)
-        old_state = self._write_state(manifest, state)
-        record = {**record, "name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds")}
-        manifest["concepts"][name] = record
-        if name not in manifest["tasks"]:
-            manifest["tasks"].append(name)
-        self._publish(manifest, old_state)  # the change becomes real here
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        """Move a staged concept folder into place and publish it (and the method's new state) in the manifest.
+
+        Under the lock, on the manifest as it is on disk now. A replaced concept is kept in `.trash-<name>-<commit>`
+        until the new manifest is published, and put back if anything fails before that."""
+        with self.lock():
+            manifest = self._read()
+            _check_new(manifest, name, replace)
+            if manifest["base_model"] is None:
+                manifest.update(base_model=base, method=method, settings=settings)
+            commit = uuid.uuid4().hex
+            target, trash = self.root / name, self.root / f".trash-{name}-{commit}"
+            old_state = manifest.get("task_shared")
+            moved = {"old": False, "new": False}
+            try:
+                if target.exists() or target.is_symlink():  # a replaced concept, or a leftover not in the manifest
+                    os.replace(target, trash)
+                    moved["old"] = True
+                os.replace(staged, target)
+                moved["new"] = True
+                self._write_state(manifest, state)
+                manifest["concepts"][name] = {
+                    **record, "name": name, "task": len(manifest["tasks"]) + 1, "commit": commit,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                if name not in manifest["tasks"]:
+                    manifest["tasks"].append(name)
+                _write_json_atomic(self.root / MANIFEST, manifest)  # the change becomes real here
+            except BaseException:
+                if manifest.get("task_shared") not in (None, old_state):
+                    (self.root / manifest["task_shared"]).unlink(missing_ok=True)
+                if moved["new"]:
+                    _remove(target)
+                if moved["old"]:
+                    os.replace(trash, target)
+                raise
+            self._published(manifest, old_state)
+            if moved["old"]:
+                _remove(trash)
 
     def delete(self, name: str, state: tuple[dict, dict] | None = None) -> None:
-        self.record(name)
-        manifest = json.loads(json.dumps(self.manifest))
-        del manifest["concepts"][name]
-        manifest["tasks"].remove(name)
-        old_state = self._write_state(manifest, state)
-        if not manifest["tasks"]:
-            manifest.update(base_model=None, method=None, settings={}, task_shared=None)
-        self._publish(manifest, old_state)
-        shutil.rmtree(self.root / name, ignore_errors=True)
+        """Remove a concept and publish the method's state without it, on the manifest as it is on disk now."""
+        with self.lock():
+            self.manifest = manifest = self._read()
+            self.record(name)
+            del manifest["concepts"][name]
+            manifest["tasks"].remove(name)
+            old_state = self._write_state(manifest, state)
+            if not manifest["tasks"]:
+                manifest.update(base_model=None, method=None, settings={}, task_shared=None)
+            self._publish(manifest, old_state)
+            _remove(self.root / name)
 
     def _write_state(self, manifest: dict, state: tuple[dict, dict] | None) -> str | None:
         """Write the method's new library-wide state under a fresh name and point `manifest` at it (nothing is
@@ -341,13 +531,88 @@ class Library:
     def _publish(self, manifest: dict, old_state: str | None = None) -> None:
         """Replace the manifest (atomic), then remove the state file it no longer names."""
         _write_json_atomic(self.root / MANIFEST, manifest)
+        self._published(manifest, old_state)
+
+    def _published(self, manifest: dict, old_state: str | None) -> None:
         self.manifest = manifest
         if old_state and old_state != manifest.get("task_shared"):
             (self.root / old_state).unlink(missing_ok=True)
 
+    def write_card(self) -> None:
+        """The library's model card (for the Hub), written aside and renamed under the lock: a snapshot taken
+        meanwhile keeps the old card intact."""
+        with self.lock():
+            tmp = self.root / f".{CARD_FILE}.{uuid.uuid4().hex}.tmp"
+            library_card().save(tmp)
+            os.replace(tmp, self.root / CARD_FILE)
+
+    def move_in(self, stage: Path) -> None:
+        """Move a checked library (a pulled one, in `stage` beside this one) into this library, which holds no
+        concepts, by renames under the lock, `library.json` last: nothing outside this folder is removed."""
+        with self.lock():
+            if Library(self.root, read_only=True).names:
+                raise LibraryError("this library got concepts while the Hub library downloaded; load it into an "
+                                   "empty one")
+            replaced = []
+            for entry in sorted(stage.iterdir()):
+                if entry.name == MANIFEST or entry.name.startswith("."):
+                    continue
+                target = self.root / entry.name
+                if target.exists() or target.is_symlink():  # left by deleted concepts (an empty library has no other)
+                    replaced.append(self.root / f".trash-{uuid.uuid4().hex}")  # swept if a crash comes before the end
+                    os.replace(target, replaced[-1])
+                os.replace(entry, target)
+            os.replace(stage / MANIFEST, self.root / MANIFEST)  # the pulled library becomes real here
+            self.manifest = self._read()
+            for old in replaced:
+                _remove(old)
+
     def update_record(self, name: str, **fields) -> None:
         """Add fields (e.g. scores) to a concept's record."""
-        self.record(name)
-        manifest = json.loads(json.dumps(self.manifest))
-        manifest["concepts"][name].update(fields)
-        self._publish(manifest)
+        with self.lock():
+            self.manifest = manifest = self._read()
+            self.record(name)
+            manifest["concepts"][name].update(fields)
+            self._publish(manifest)
+
+
+def _check_new(manifest: dict, name: str, replace: bool) -> None:
+    validate_name(name)
+    if name in manifest["concepts"]:
+        if not replace:
+            raise LibraryError(f"a concept named {name!r} already exists; choose another name, or ask to replace it "
+                               f"(--replace / the Replace box)")
+    elif len(manifest["tasks"]) >= MAX_CONCEPTS:
+        raise LibraryError(f"the library already holds {len(manifest['tasks'])} concepts, the most one library may "
+                           f"hold (CIDM_MAX_CONCEPTS); delete one or start a new library")
+
+
+def _is_inside(root: Path, path: Path) -> bool:
+    try:
+        inside(root, path)
+        return True
+    except LibraryError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _staging_alive(path: Path) -> bool:
+    """Whether a staging folder is still being written (its creator holds the lock on its `.live` file)."""
+    if not (path / ".live").is_file():
+        return False
+    probe = FileLock(str(path / ".live"))
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    probe.release()
+    return False

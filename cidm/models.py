@@ -104,6 +104,13 @@ def describe(pipe, source: str) -> BaseModelInfo:
     )
 
 
+def display_name(source: str) -> str:
+    """What to show people for a base model: a Hub id as it is; a local folder by its name, never the server's path."""
+    if Path(source).resolve() == EMBEDDED_MODEL.resolve():
+        return "embedded toy world (64 px)"
+    return Path(source).name if _looks_local(source) else source
+
+
 def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] or not _HUB_ID.match(model)
 

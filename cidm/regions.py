@@ -15,6 +15,7 @@ Choices the paper leaves open (also in the README's table):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -39,9 +40,12 @@ class Region:
 
 def pixel_box(box, width: int, height: int) -> tuple[float, float, float, float]:
     """A box in pixels, checked: normalised boxes (all values ≤ 1) are scaled; partly outside is clipped."""
-    if len(box) != 4:
-        raise ValueError(f"a box needs 4 numbers x0, y0, x1, y1; got {box!r}")
-    x0, y0, x1, y1 = (float(v) for v in box)
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"a box needs 4 numbers x0, y0, x1, y1; got {box!r}") from err
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"box {box!r} has a number that is not finite; give 4 numbers x0, y0, x1, y1")
     if max(abs(x0), abs(y0), abs(x1), abs(y1)) <= 1.0:
         x0, x1, y0, y1 = x0 * width, x1 * width, y0 * height, y1 * height
     if x1 <= x0 or y1 <= y0:

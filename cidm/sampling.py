@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+SEED_MAX = 2 ** 63 - 1  # the largest seed torch.Generator.manual_seed takes
+
 
 def vae_scale(vae) -> int:
     """Pixels per latent cell."""

@@ -18,8 +18,9 @@ from .generate import GenerateConfig, generate
 from .library import Library, LibraryError
 from .methods import get_method
 from .metrics import Evaluator, image_alignment, text_alignment
-from .models import BaseModelError, load_base
-from .regions import Region, compose, edit
+from .models import BaseModelError, display_name, load_base
+from .regions import Region, compose, edit, pixel_box
+from .sampling import vae_scale
 from .templates import check_kind, probe_prompt
 from .tokens import ConceptTokens
 from .train import TaskConfig, TaskResult, data_parallel, learn_task
@@ -76,6 +77,7 @@ class Studio:
                             **{**self.info.task_defaults, **self.method.task_settings, **task_settings})
         with self.method.overridden(**{k: v for k, v in settings.items() if k not in TASK_FIELDS}):
             pixels = images_lib.prepare_training_images(sources, self.info.resolution)
+            seen = self.library.manifest  # the library this task learns against; another writer may change it
             if replace and name in self.loras:
                 self._forget(name)
             kinds = {n: self.library.record(n)["kind"] for n in self.names}
@@ -91,16 +93,20 @@ class Studio:
                     if result.cancelled:
                         self._reload()
                         return result
-                    self._add(stage, config, result, pixels, replace)
+                    changed = self._add(stage, config, result, pixels, replace, seen)
                 except BaseException:
                     self._reload()
                     raise
+        if changed:  # load what the other writer added meanwhile
+            self._reload()
         if self.record_forgetting:
             self.regenerate_all()
         return result
 
-    def _add(self, stage, config: TaskConfig, result: TaskResult, pixels: torch.Tensor, replace: bool) -> None:
-        """The learned concept joins the session, then the library: staged, and published in one step."""
+    def _add(self, stage, config: TaskConfig, result: TaskResult, pixels: torch.Tensor, replace: bool,
+             seen: dict) -> bool:
+        """The learned concept joins the session, then the library: staged, and published in one step. True where
+        another writer changed the library since `seen` (the method's state is then merged with theirs)."""
         name = config.name
         self.loras[name] = result.lora
         method_files = self.method.concept_files(self, config)  # e.g. LFS's vision context, sampled now
@@ -115,8 +121,14 @@ class Studio:
                   "seconds": round(result.seconds, 1), "final_terms": result.final_terms, "n_images": len(pixels)}
         base = {"source": self.info.source, "n_layers": self.info.num_cross_attn_layers,
                 "pipeline_class": self.info.pipeline_class}
-        self.library.commit_concept(name, folder, record, base, self.method.name, self.method.settings(),
-                                    self.method.library_state(), replace=replace)
+        with self.library.lock():  # the manifest as it is on disk now, not as it was when learning began
+            on_disk = Library(self.library.root, read_only=True)
+            changed = [on_disk.manifest["tasks"], on_disk.manifest.get("task_shared")] != \
+                [seen["tasks"], seen.get("task_shared")]
+            state = self.method.merged_state(on_disk, name) if changed else self.method.library_state()
+            self.library.commit_concept(name, folder, record, base, self.method.name, self.method.settings(), state,
+                                        replace=replace)
+        return changed
 
     def _forget(self, name: str) -> None:
         self.tokens.remove(name)
@@ -130,13 +142,22 @@ class Studio:
         for name in list(self.tokens.names):
             self.tokens.remove(name)
         self.loras.clear()
-        self.library = Library(self.library.root, read_only=data_parallel()[0] > 0)
+        self.library.reload()  # read-only in a helper process of `accelerate launch`, as opened
         self._load_library()
 
+    def refresh(self) -> bool:
+        """Reload when another Studio or the command line changed the library on disk; True if it did."""
+        if Library(self.library.root, read_only=True).manifest == self.library.manifest:
+            return False
+        self._reload()
+        return True
+
     def delete(self, name: str) -> None:
-        self.library.record(name)
-        self._forget(name)
-        self.library.delete(name, state=self.method.library_state())
+        with self.library.lock():  # on the library as it is on disk (another writer may have added concepts)
+            self.refresh()
+            self.library.record(name)
+            self._forget(name)
+            self.library.delete(name, state=self.method.library_state())
 
     # ------------------------------------------------------------------------------------------------------------
     # forgetting, shown
@@ -193,8 +214,8 @@ class Studio:
         """The images with how they were made in their PNG metadata (reproducible from the same library)."""
         return images_lib.with_parameters(
             images, prompts, negative_prompt=negative_prompt, steps=config.steps, guidance=config.guidance,
-            seed=config.seed, merge=config.merge, psi=config.psi, **extra, base_model=self.info.source,
-            concepts=self.names, method=self.method.name, software="CIDM Studio")
+            seed=config.seed, merge=config.merge, psi=config.psi, **extra, concepts=self.names,
+            base_model=display_name(self.info.source), method=self.method.name, software="CIDM Studio")
 
     def compose(self, prompt: str, regions, negative_prompt: str = "", alpha: float = 0.1,
                 region_noise: str = "normalised", callback=None, **settings):
@@ -206,6 +227,13 @@ class Studio:
                                regions=[{"box": list(r.box), "prompt": r.prompt} for r in regions])
 
     def edit(self, image, box, prompt: str, negative_prompt: str = "", strength: float = 0.8, **settings):
+        """Regenerate inside `box` (pixels of `image`, or 0–1) of an image brought to the model's resolution first:
+        its longer side becomes the model's side, so a large upload never goes through the VAE at full size."""
+        image = images_lib.load_image(image)  # at its own size (within the pixel budget): the box is in its pixels
+        w, h = image.size
+        x0, y0, x1, y1 = pixel_box(box, w, h)
+        image = images_lib.fit_model_side(image, self.info.resolution, vae_scale(self.pipe.vae))
+        box = (x0 / w, y0 / h, x1 / w, y1 / h)  # relative: the same place on the resized image
         return edit(self.pipe, self.tokens, self.loras, image, box, prompt, negative_prompt, strength,
                     self.settings(**settings))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 import zlib
 from typing import Callable
@@ -23,7 +24,7 @@ from .attention import install_processors
 from .images import Augment
 from .losses import diffusion_loss
 from .models import precision_context
-from .sampling import encode, predict_noise
+from .sampling import SEED_MAX, encode, predict_noise
 from .templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, check_kind, training_captions
 
 __all__ = ["OBJECT_TEMPLATES", "STYLE_TEMPLATES", "TaskConfig", "TaskResult", "Task", "Batch", "learn_task"]
@@ -56,6 +57,18 @@ class TaskConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False  # needs bitsandbytes
+
+    def __post_init__(self):
+        for field in ("steps", "batch_size", "rank", "n_slots"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # 0 steps: saved untrained
+                raise ValueError(f"{field} must be a whole number of at least 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {self.seed!r}")
+        for field in ("lr_lora", "lr_embedding"):  # a method's weights are checked by `Method.overridden`
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{field} must be a finite number of at least 0, got {value!r}")
 
 
 @dataclasses.dataclass

@@ -91,3 +91,18 @@ def write_photos(folder, name: str, n: int = 3) -> list[str]:
         paths.append(str(folder / f"{name}-{i}.png"))
         Image.fromarray(img).save(paths[-1])
     return paths
+
+
+def huge_png(path, side: int = 12000):
+    """A valid greyscale PNG of side×side pixels, written row by row (a few hundred KB; 144 MB once decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    packer, row = zlib.compressobj(9), b"\x00" * (side + 1)  # filter byte 0, then black pixels
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path

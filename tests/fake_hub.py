@@ -18,6 +18,7 @@ class FakeHub(ThreadingHTTPServer):
         self.repos: dict[str, dict[str, bytes]] = {}  # repo id -> path -> bytes
         self.created: list[dict] = []
         self.tokens: set[str] = set()
+        self.served: list[str] = []  # "repo/path" of every file body sent (not HEAD requests)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -93,6 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self.server.repos.get(repo, {}).get(name)
             if body is None:
                 return self._json({"error": "Entry not found"}, 404)
+            if not head:
+                self.server.served.append(f"{repo}/{name}")
             return self._send(body, content_type="application/octet-stream", head=head,
                               headers={"ETag": f'"{hashlib.sha1(body).hexdigest()}"', "X-Repo-Commit": REVISION})
         self._json({"error": f"not handled: GET {self.path}"}, 404)

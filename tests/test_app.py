@@ -2,6 +2,7 @@
 
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -115,13 +116,17 @@ def test_push_uses_the_given_token_and_uploads_the_library(app, tmp_path, monkey
             calls["create"] = (repo_id, kw["private"])
             return f"https://huggingface.co/{repo_id}"
 
-        def upload_folder(self, **kw):
-            calls["upload"] = kw
+        def upload_folder(self, **kw):  # what the Hub would receive, read while the upload runs
+            folder = Path(kw["folder_path"])
+            calls["upload"] = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
 
     root = app.studio(None).library.root
     url = hub.push_library(root, "me/my-concepts", token="hf_test", api=FakeApi())
     assert url.endswith("me/my-concepts") and calls["create"] == ("me/my-concepts", True)
-    assert calls["upload"]["folder_path"] == str(root)
+    # the uploaded folder is the library: each of its files, byte for byte, and no lock or staging file
+    library_files = {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*")
+                     if f.is_file() and not f.name.startswith(".") and ".staging-" not in str(f)}
+    assert calls["upload"] == library_files and "medic/pytorch_lora_weights.safetensors" in library_files
     assert (root / "README.md").read_text().count("cidm") >= 1
     with pytest.raises(ValueError, match="no Hugging Face token"):
         hub.push_library(root, "me/my-concepts", token="")

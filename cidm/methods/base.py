@@ -7,7 +7,8 @@ A method says
 - what it adds to the task's loss (`loss`) and does after each optimizer step (`after_step`, CIDM's Eq. 7);
 - what it does after the task (`after_task`) or when the task stops early (`abort_task`);
 - which state it keeps across tasks: `load` reads it through the library, `concept_files` and `library_state` are
-  what the library stores, under the method's own file names, and `forget` drops a concept from it;
+  what the library stores, under the method's own file names, `merged_state` joins it with another writer's, and
+  `forget` drops a concept from it;
 - how inference over tasks 1..g goes (`prepare_inference`): how the LoRAs meet (EWA, equal merge, composite, merged
   into the base, the latest only) and any vision context.
 Each method is a dataclass whose fields are its parameters; `METHODS` (cidm/methods/__init__.py) names them.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -69,6 +71,8 @@ class Method:
         if unknown:
             raise ValueError(f"{self.name} has no parameter {', '.join(unknown)}; its parameters: "
                              f"{', '.join(self.parameters()) or 'none'}")
+        for k, v in parameters.items():
+            check_parameter(k, getattr(self, k), v)
         before = {k: getattr(self, k) for k in parameters}
         for k, v in parameters.items():
             setattr(self, k, v)
@@ -95,6 +99,11 @@ class Method:
         """The state kept once per library (tensors, metadata), or None."""
         return None
 
+    def merged_state(self, library, name: str) -> tuple[dict, dict] | None:
+        """`library_state` when another writer changed `library` (as it is on disk now) while task `name` learned:
+        what to publish so that neither writer's tasks lose their state. By default this method's own."""
+        return self.library_state()
+
     # ------------------------------------------------------------------------------------------------------------
     # one task
 
@@ -120,3 +129,20 @@ class Method:
 
     def prepare_inference(self) -> Inference:
         return Inference(self.merge, self.psi)
+
+
+def check_parameter(name: str, default, value) -> None:
+    """A parameter given for one task has its default's type: a switch stays a switch, a count a whole number of at
+    least 1, a weight or rate a finite number of at least 0 (NaN or a negative weight would train silently wrong)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+        want = "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and value >= 1, "a whole number of at least 1"
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        want = "a finite number of at least 0"
+    else:
+        ok, want = isinstance(value, type(default)), f"a {type(default).__name__}"
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {value!r}")

@@ -43,11 +43,18 @@ class CIDM(Method):
                 self.shared = None
 
     def library_state(self) -> tuple[dict, dict] | None:
-        if self.shared is None:
-            return None
-        meta = {"rank": str(self.shared.rank), "modules": json.dumps(self.shared.modules_),
-                "tasks": json.dumps(self.shared.tasks)}
-        return {k: v.contiguous() for k, v in self.shared.to_tensors().items()}, meta
+        return None if self.shared is None else stored_task_shared(self.shared)
+
+    def merged_state(self, library, name: str) -> tuple[dict, dict] | None:
+        """R2's state as it is on disk (W_* and every H_i there) with this task's H_g added. This task was learned
+        without R1 against the concepts added meanwhile: CIDM learns one task after another."""
+        theirs = read_task_shared(library)
+        if theirs is None or self.shared is None or name not in self.shared.tasks:
+            return self.library_state()
+        if name in theirs.tasks:  # replaced meanwhile: this task's H_g is the newer one
+            theirs.remove_task(name)
+        theirs.P[name], theirs.Q[name] = self.shared.P[name], self.shared.Q[name]
+        return stored_task_shared(theirs)
 
     def before_task(self, task) -> None:
         self.r2_active = self.use_r2 and self.shared is not None and bool(self.shared.tasks)
@@ -87,6 +94,12 @@ class CIDM(Method):
         if self.r2_active:
             self.shared.remove_task(task.config.name)
         self.r2_active = False
+
+
+def stored_task_shared(shared: TaskSharedKnowledge) -> tuple[dict, dict]:
+    """R2's state as the library stores it: tensors and metadata."""
+    meta = {"rank": str(shared.rank), "modules": json.dumps(shared.modules_), "tasks": json.dumps(shared.tasks)}
+    return {k: v.contiguous() for k, v in shared.to_tensors().items()}, meta
 
 
 def read_task_shared(library) -> TaskSharedKnowledge | None:
