@@ -102,7 +102,7 @@ def pull_library(repo_id: str, dest, token: str | None = None, endpoint: str | N
             return pulled
 
         fetch("library.json", lambda: hf_hub_download(repo_id, MANIFEST, local_dir=tmp, token=auth,
-                                                      endpoint=endpoint))
+                                                      endpoint=endpoint, cache_dir=stage / ".cache"))
         pulled = checked()
         patterns = [MANIFEST, CARD_FILE, f"{FORGETTING}/*", *(f"{n}/*" for n in pulled.names)]
         patterns += [pulled.manifest["task_shared"]] if pulled.manifest.get("task_shared") else []
@@ -113,8 +113,8 @@ def pull_library(repo_id: str, dest, token: str | None = None, endpoint: str | N
                              f"(at most {MAX_PULL_BYTES / 2 ** 20:.0f} MB and {MAX_PULL_FILES} files, "
                              f"CIDM_MAX_PULL_MB)")
         fetch("its files", lambda: snapshot_download(repo_id, local_dir=tmp, allow_patterns=patterns, token=auth,
-                                                     endpoint=endpoint))
-        shutil.rmtree(stage / ".cache", ignore_errors=True)
+                                                     endpoint=endpoint, cache_dir=stage / ".cache"))
+        shutil.rmtree(stage / ".cache", ignore_errors=True)  # the hub's bookkeeping stays in here, not in ~/.cache
         pulled = checked()  # the repo may have changed between the two downloads
         got = [p for p in stage.rglob("*") if p.is_file()]
         if sum(p.stat().st_size for p in got) > MAX_PULL_BYTES:

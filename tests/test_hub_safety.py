@@ -16,10 +16,16 @@ from test_library_safety import library  # noqa: F401  (fixture)
 
 
 @pytest.fixture
-def online(monkeypatch):
+def online(monkeypatch, tmp_path_factory):
+    """The Hub reachable (the fake one), with the Hub's own cache in a folder that must stay empty: a pull keeps
+    everything it downloads, bookkeeping included, inside the library's staging folder."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    cache = tmp_path_factory.mktemp("hf-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    yield
+    assert not list(cache.iterdir()), "a pull wrote into the Hub's cache, outside the library"
 
 
 # --------------------------------------------------------------------------------------------------------------
