@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import quality
-from .train import save_grid
+from .train import LATENT_CHANNELS, save_grid
 
 
 def measure(model_dir: Path, n_eval: int = 1000, n_prompts: int = 200) -> dict:
@@ -81,7 +81,7 @@ near what the model knows, as learning *your* dog is for Stable Diffusion.
 
 ## Parts
 - **Tokenizer:** a `CLIPTokenizer` whose BPE gives one token per world word, built deterministically.
-- **VAE:** `AutoencoderKL`, 64×64×3 → 4×16×16, {vae_psnr} dB PSNR on 256 held-out images.
+- **VAE:** `AutoencoderKL`, 64×64×3 → {latent_channels}×16×16, {vae_psnr} dB PSNR on 256 held-out images.
 - **Evaluator:** `CLIPModel` (ViT, patch 8 on 64 px; text width 128), trained with a multi-positive contrastive loss
   over captions naming random subsets of the attributes, groups of four images that differ in one attribute only
   (hard negatives), and cross-entropy of each image against the zero-shot prompts of its attributes.
@@ -98,7 +98,8 @@ near what the model knows, as learning *your* dog is for Stable Diffusion.
 | generator: the evaluator finds the prompted attribute, {n_prompts} prompts, 25 DDIM steps, guidance 5 | {gen} |
 
 Generator targets: outer shape ≥ 85 %, colour ≥ 90 %, inner part ≥ 75 %, inner colour ≥ 75 %, context ≥ 90 %.
-Inner colour counts only prompts with an inner part.
+Inner colour counts only prompts with an inner part. The generator's figures are read by this evaluator, so they are
+limited by what it reads: an outer shape it misreads in real images is misread in generated ones too.
 
 Speed on this machine (2 CPU cores): 8 images at 25 steps in {speed} s. Folder size: {size} MB.
 {identity}
@@ -110,7 +111,7 @@ Speed on this machine (2 CPU cores): 8 images at 25 steps in {speed} s. Folder s
 """
 
 IDENTITY = """
-## Learned concepts are recognisable
+## How often learned concepts are recognised
 
 The standard sequence learned one concept after another with CIDM's defaults through the user's path (`cidm learn`,
 no captions), each concept then generated with its evaluation prompts alone; *identified* when the evaluator ranks
@@ -143,7 +144,7 @@ def write_card(model_dir: Path, report: dict, core: dict | None = None, core_pat
                        speed=report["seconds_8_images_25_steps"], size=report["model_folder_mb"],
                        training="; ".join(stages), unet_params=n_params / 1e6, identity=identity,
                        unet_channels="/".join(map(str, unet_config["block_out_channels"])),
-                       n_layers=n_layers)
+                       n_layers=n_layers, latent_channels=LATENT_CHANNELS)
     (model_dir / "README.md").write_text(text)
     (model_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
 
