@@ -100,13 +100,14 @@ def test_methods_that_learn_alike_share_one_training_run(tmp_path):
     from cidm.methods import METHODS, compared_methods
 
     assert set(METHODS) - set(compared_methods()) == {"cidm-tokens-only"}  # the diagnostic runs only when named
-    results = run_methods_bench(tmp_path, ["lora-m", "lora-c"], tasks=2, steps=3, prompts=1, images=1, gen_steps=3)
+    results = run_methods_bench(tmp_path, ["lora-m", "lora-c"], tasks=2, steps=40, prompts=1, images=1, gen_steps=3)
     assert (tmp_path / "lora-m" / "library" / "library.json").is_file() and not (tmp_path / "lora-c").exists()
     m, c = results["methods"]["lora-m"], results["methods"]["lora-c"]
     assert m["learn_seconds"] == c["learn_seconds"] > 0
     first = m["ia"]["medic"][1]
     assert c["ia"]["medic"][1] == first  # one LoRA: its average and its composite are the same model
-    assert c["ia"]["medic"][2] != m["ia"]["medic"][2]  # two: averaged weights differ from averaged predictions
+    # two: averaged weights differ from averaged predictions (a few training steps: small LoRAs, small differences)
+    assert abs(c["ia"]["medic"][2] - m["ia"]["medic"][2]) > 1e-3
 
 
 def test_a_methods_run_stopped_early_keeps_the_methods_it_finished(tmp_path, monkeypatch):
