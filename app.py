@@ -613,8 +613,9 @@ def build_app() -> gr.Blocks:
     # Gradio's own copies (uploads, results, downloads) are deleted after the same time to live as session folders
     ttl = int(sessions.TTL_SECONDS)
     with gr.Blocks(title="CIDM Studio", delete_cache=(min(3600, ttl), ttl)) as demo:
+        base = models.display_name(models.default_model())  # a name for people, never the server's path
         gr.Markdown("# CIDM Studio\nLearn your own concepts one after another without forgetting the earlier ones, "
-                    f"and compose them where you draw boxes. Base model: `{models.default_model()}`.")
+                    f"and compose them where you draw boxes. Base model: {base}.")
         if ON_SPACE:
             gr.Markdown(f"Your concepts and photos stay in your browser session: nobody else sees them, and they are "
                         f"deleted {ttl // 3600} hours after your last use. For a private library that persists, and a "

@@ -94,3 +94,11 @@ def test_a_unet_without_cross_attention_is_refused(tmp_path):
     pipe.save_pretrained(tmp_path / "no-xattn")
     with pytest.raises(models.BaseModelError, match="no cross-attention layers"):
         models.load_base(str(tmp_path / "no-xattn"), device="cpu")
+
+
+def test_base_models_are_named_for_people_without_server_paths(tmp_path):
+    from cidm.models import EMBEDDED_MODEL, display_name
+
+    assert display_name(str(EMBEDDED_MODEL)) == "embedded toy world (64 px)"
+    assert display_name(str(tmp_path / "my-base")) == "my-base"
+    assert display_name("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
