@@ -19,6 +19,22 @@ def diffusion_loss(noise_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tenso
     return F.mse_loss(noise_pred.float(), noise.float())
 
 
+def same_shape_groups(shapes: dict[str, tuple]) -> dict[str, list[str]]:
+    """Modules whose tensors have the same shapes, in order: R1 and R2 batch over each group at once (one matmul per
+    group instead of one per module and task; the per-step cost of consolidation then hardly grows with the tasks)."""
+    groups: dict[str, list[str]] = {}
+    for module, shape in shapes.items():
+        groups.setdefault("g" + "x".join(str(d) for d in shape), []).append(module)
+    return groups
+
+
+def stacked(tensors: dict[str, torch.Tensor], modules: list[str]) -> torch.Tensor:
+    return torch.stack([tensors[m] for m in modules])
+
+
+R1_CHUNK = 1 << 24  # elements of |A_i A_gᵀ| formed at once (SD-1.5's 1280-wide layers: one past task at a time)
+
+
 def orthogonal_subspace_loss(current: LoRAWeights, past: list[LoRAWeights], reduction: str = "sum",
                              form: str = "literal") -> torch.Tensor:
     # Eq. 2, R1 = Σ_i Σ_l |A_i^l (A_g^l)ᵀ|: earlier tasks' concept subspaces stay orthogonal to the new one
@@ -31,20 +47,19 @@ def orthogonal_subspace_loss(current: LoRAWeights, past: list[LoRAWeights], redu
     """
     if form not in ("literal", "subspace"):
         raise ValueError(f"R1 form must be 'literal' or 'subspace', got {form!r}")
-    terms = []
-    for old in past:
-        for module, a_g in current.up.items():
-            a_i = old.up[module].to(a_g)
-            overlap = (a_i @ a_g.T if form == "literal" else a_i.T @ a_g).abs()  # (out, out) | (r, r)
-            terms.append(overlap.sum() if reduction == "sum" else overlap.mean())
-    if not terms:
+    if not past:
         return next(iter(current.up.values())).new_zeros(())
-    total = torch.stack(terms)
+    terms = []  # one |·| sum (or mean) per (past task, module)
+    for modules in same_shape_groups({m: tuple(w.shape) for m, w in current.up.items()}).values():
+        a_g = stacked(current.up, modules)  # (M, out, r)
+        a_past = torch.stack([stacked(old.up, modules) for old in past]).to(a_g)  # (T, M, out, r)
+        per_task = a_g.shape[0] * (a_g.shape[1] ** 2 if form == "literal" else a_g.shape[2] ** 2)
+        chunk = max(1, R1_CHUNK // per_task)
+        for a_i in a_past.split(chunk):
+            overlap = (a_i @ a_g.mT if form == "literal" else a_i.mT @ a_g).abs()  # (t, M, out, out) | (t, M, r, r)
+            terms.append(overlap.sum((-2, -1)) if reduction == "sum" else overlap.mean((-2, -1)))
+    total = torch.cat([t.flatten() for t in terms])
     return total.sum() if reduction == "sum" else total.mean()
-
-
-def _key(module: str) -> str:
-    return re.sub(r"\W", "_", module)
 
 
 class TaskSharedKnowledge(nn.Module):
@@ -54,46 +69,51 @@ class TaskSharedKnowledge(nn.Module):
     so H_i W_* = P_i (Q_iᵀU) Vᵀ, rank ≤ k. ‖ΔW_i − H_i W_*‖²_F is then computed from r×k and k×k products without
     forming any a×b matrix: memory per layer (a+b)·k shared + 2·a·k per task (SD-1.5, k = 16, 64 modules: about
     1.3 M floats shared + 1.3 M per task, against 1.6 G for ten literal a×a H's), time O((a+b)(r+k)²) per term.
+    Modules of one shape are stacked (`groups`): the factors are (M, a, k) tensors, and R2 over every task is a few
+    batched matmuls per group. Saved per module (`to_tensors`), as the library stores it.
     """
 
     def __init__(self, rank: int = 16):
         super().__init__()
         self.rank = rank
-        self.U, self.V = nn.ParameterDict(), nn.ParameterDict()  # module -> W_* factors
-        self.P, self.Q = nn.ModuleDict(), nn.ModuleDict()  # task -> ParameterDict(module -> H_i factors)
+        self.U, self.V = nn.ParameterDict(), nn.ParameterDict()  # group -> W_* factors, (M, a, k) and (M, b, k)
+        self.P, self.Q = nn.ModuleDict(), nn.ModuleDict()  # task -> ParameterDict(group -> H_i factors, (M, a, k))
         self.modules_: list[str] = []
+        self.groups: dict[str, list[str]] = {}  # group -> its modules, in order
 
     @property
     def tasks(self) -> list[str]:
         return list(self.P)
 
+    def _set_modules(self, shapes: dict[str, tuple]) -> None:
+        self.modules_ = list(shapes)
+        self.groups = same_shape_groups(shapes)
+
     def initialise(self, name: str, first: LoRAWeights, generator: torch.Generator | None = None) -> None:
         """W_* from the first task's ΔW (its SVD, padded to rank k), and H_1 = U·Uᵀ so that H_1 W_* = ΔW_1."""
-        self.modules_ = first.modules
-        P, Q = nn.ParameterDict(), nn.ParameterDict()
-        for module in self.modules_:
-            delta = first.delta(module).detach().float()  # (a, b)
+        deltas = {m: first.delta(m).detach().float() for m in first.modules}  # (a, b) each
+        self._set_modules({m: tuple(d.shape) for m, d in deltas.items()})
+        U, V = {}, {}
+        for module, delta in deltas.items():
             a, b = delta.shape
             k = min(self.rank, a, b)
             u, s, _ = torch.linalg.svd(delta, full_matrices=False)
             r = min(k, int((s > 1e-8 * max(float(s[0]), 1e-30)).sum()))
             pad = torch.randn(a, k - r, generator=generator)
-            U = torch.linalg.qr(torch.cat([u[:, :r], pad], 1))[0][:, :k]  # orthonormal, spans ΔW_1's columns
-            V = delta.T @ U  # then U Vᵀ = U Uᵀ ΔW_1 = ΔW_1
-            self.U[_key(module)] = nn.Parameter(U)
-            self.V[_key(module)] = nn.Parameter(V)
-            P[_key(module)] = nn.Parameter(U.clone())
-            Q[_key(module)] = nn.Parameter(U.clone())
+            U[module] = torch.linalg.qr(torch.cat([u[:, :r], pad], 1))[0][:, :k]  # orthonormal, spans ΔW_1's columns
+            V[module] = delta.T @ U[module]  # then U Vᵀ = U Uᵀ ΔW_1 = ΔW_1
+        P, Q = nn.ParameterDict(), nn.ParameterDict()
+        for group, modules in self.groups.items():
+            self.U[group] = nn.Parameter(stacked(U, modules))
+            self.V[group] = nn.Parameter(stacked(V, modules))
+            P[group] = nn.Parameter(self.U[group].detach().clone())
+            Q[group] = nn.Parameter(self.U[group].detach().clone())
         self.P[name], self.Q[name] = P, Q
 
     def add_task(self, name: str) -> None:
         """H_g starts at 0 (P_g = 0, Q_g = U): at first R2 only asks the new ΔW_g to be small."""
-        P, Q = nn.ParameterDict(), nn.ParameterDict()
-        for module in self.modules_:
-            U = self.U[_key(module)]
-            P[_key(module)] = nn.Parameter(torch.zeros_like(U))
-            Q[_key(module)] = nn.Parameter(U.detach().clone())
-        self.P[name], self.Q[name] = P, Q
+        self.P[name] = nn.ParameterDict({g: nn.Parameter(torch.zeros_like(U)) for g, U in self.U.items()})
+        self.Q[name] = nn.ParameterDict({g: nn.Parameter(U.detach().clone()) for g, U in self.U.items()})
 
     def remove_task(self, name: str) -> None:
         del self.P[name]
@@ -101,44 +121,67 @@ class TaskSharedKnowledge(nn.Module):
 
     def task_shared_loss(self, name: str, lora: LoRAWeights) -> torch.Tensor:
         # Eq. 2, R2 = Σ_l ‖ΔW_i^l − H_i^l W_*^l‖²_F for task i = `name`, from factors only
+        return self.task_shared_loss_sum({name: lora})
+
+    def task_shared_loss_sum(self, loras: dict[str, LoRAWeights]) -> torch.Tensor:
+        """Σ_i R2(task i) over `loras` (task name -> its LoRA), batched over tasks of one LoRA rank and scale."""
+        by_form: dict[tuple, list[str]] = {}
+        for name, lora in loras.items():
+            by_form.setdefault((lora.up[self.modules_[0]].shape[-1], lora.scale), []).append(name)
         total = 0.0
-        for module in self.modules_:
-            k = _key(module)
-            A, B, s = lora.up[module].float(), lora.down[module].float(), lora.scale  # (a, r), (r, b)
-            U, V, P, Q = self.U[k], self.V[k], self.P[name][k], self.Q[name][k]
-            M = Q.T @ U  # (k, k): H_i W_* = P M Vᵀ
-            delta_sq = s * s * torch.trace((A.T @ A) @ (B @ B.T))  # ‖sAB‖²
-            cross = s * torch.trace((A.T @ P) @ M @ (V.T @ B.T))  # ⟨sAB, P M Vᵀ⟩
-            fit_sq = torch.trace(M.T @ (P.T @ P) @ M @ (V.T @ V))  # ‖P M Vᵀ‖²
-            total = total + delta_sq - 2 * cross + fit_sq
+        for (_, s), names in by_form.items():
+            for group, modules in self.groups.items():
+                A = torch.stack([stacked(loras[n].up, modules) for n in names]).float()  # (T, M, a, r)
+                B = torch.stack([stacked(loras[n].down, modules) for n in names]).float()  # (T, M, r, b)
+                P = torch.stack([self.P[n][group] for n in names])  # (T, M, a, k)
+                Q = torch.stack([self.Q[n][group] for n in names])
+                total = total + self._residual_sq(A, B, s, self.U[group], self.V[group], P, Q)
         return total
 
+    @staticmethod
+    def _residual_sq(A, B, s, U, V, P, Q) -> torch.Tensor:
+        # ‖sAB − P M Vᵀ‖²_F with M = QᵀU, summed over the batch; trace(X Y) = Σ X ⊙ Yᵀ
+        M = Q.mT @ U  # (T, M, k, k): H_i W_* = P M Vᵀ
+        delta_sq = s * s * ((A.mT @ A) * (B @ B.mT).mT).sum()  # ‖sAB‖²
+        cross = s * ((A.mT @ P) @ M @ (V.mT @ B.mT)).diagonal(dim1=-2, dim2=-1).sum()  # ⟨sAB, P M Vᵀ⟩
+        fit_sq = ((M.mT @ (P.mT @ P) @ M) * (V.mT @ V).mT).sum()  # ‖P M Vᵀ‖²
+        return delta_sq - 2 * cross + fit_sq
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat tensors for safetensors: `U.<m>`, `V.<m>`, `P.<task>.<m>`, `Q.<task>.<m>`."""
-        out = {f"U.{k}": p.detach().cpu() for k, p in self.U.items()}
-        out.update({f"V.{k}": p.detach().cpu() for k, p in self.V.items()})
-        for task in self.tasks:
-            out.update({f"P.{task}.{k}": p.detach().cpu() for k, p in self.P[task].items()})
-            out.update({f"Q.{task}.{k}": p.detach().cpu() for k, p in self.Q[task].items()})
+        """Flat tensors for safetensors, one per module: `U.<m>`, `V.<m>`, `P.<task>.<m>`, `Q.<task>.<m>`."""
+        out = {}
+        for group, modules in self.groups.items():
+            for i, m in enumerate(modules):
+                out[f"U.{_key(m)}"] = self.U[group][i].detach().cpu()
+                out[f"V.{_key(m)}"] = self.V[group][i].detach().cpu()
+                for task in self.tasks:
+                    out[f"P.{task}.{_key(m)}"] = self.P[task][group][i].detach().cpu()
+                    out[f"Q.{task}.{_key(m)}"] = self.Q[task][group][i].detach().cpu()
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], modules: list[str], tasks: list[str],
                      rank: int) -> "TaskSharedKnowledge":
         shared = cls(rank)
-        shared.modules_ = list(modules)
-        for module in modules:
-            k = _key(module)
-            shared.U[k] = nn.Parameter(tensors[f"U.{k}"].float())
-            shared.V[k] = nn.Parameter(tensors[f"V.{k}"].float())
+        shared._set_modules({m: (len(tensors[f"U.{_key(m)}"]), len(tensors[f"V.{_key(m)}"])) for m in modules})
+
+        def stack(prefix: str, group: list[str]) -> nn.Parameter:
+            return nn.Parameter(torch.stack([tensors[f"{prefix}.{_key(m)}"].float() for m in group]))
+
+        for group, members in shared.groups.items():
+            shared.U[group], shared.V[group] = stack("U", members), stack("V", members)
         for task in tasks:
-            shared.P[task] = nn.ParameterDict({_key(m): nn.Parameter(tensors[f"P.{task}.{_key(m)}"].float())
-                                               for m in modules})
-            shared.Q[task] = nn.ParameterDict({_key(m): nn.Parameter(tensors[f"Q.{task}.{_key(m)}"].float())
-                                               for m in modules})
+            shared.P[task] = nn.ParameterDict({g: stack(f"P.{task}", ms) for g, ms in shared.groups.items()})
+            shared.Q[task] = nn.ParameterDict({g: stack(f"Q.{task}", ms) for g, ms in shared.groups.items()})
         return shared
 
     def dense_h_w(self, name: str, module: str) -> torch.Tensor:
         """H_i W_* as a dense (a × b) matrix, for tests and inspection."""
-        k = _key(module)
-        return self.P[name][k] @ (self.Q[name][k].T @ self.U[k]) @ self.V[k].T
+        group = next(g for g, ms in self.groups.items() if module in ms)
+        i = self.groups[group].index(module)
+        P, Q, U, V = (t[group][i] for t in (self.P[name], self.Q[name], self.U, self.V))
+        return P @ (Q.T @ U) @ V.T
+
+
+def _key(module: str) -> str:
+    return re.sub(r"\W", "_", module)

@@ -170,7 +170,8 @@ def test_r2_factored_form_equals_the_dense_formula():
     assert shared.task_shared_loss("a", first).item() == pytest.approx(0.0, abs=1e-6 * scale)  # H_1 W_* = ΔW_1
     shared.add_task("b")
     with torch.no_grad():
-        shared.P["b"]["m"].normal_(generator=g)
+        for p in shared.P["b"].values():
+            p.normal_(generator=g)
     dense = ((second.delta("m") - shared.dense_h_w("b", "m")) ** 2).sum()
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
 
@@ -192,6 +193,34 @@ def test_r2_over_modules_of_several_shapes_equals_the_dense_sum():
             p.normal_(generator=g)
     dense = sum(((second.delta(m) - shared.dense_h_w("b", m)) ** 2).sum() for m in shapes)
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+def test_r1_and_r2_batched_over_modules_and_tasks_equal_their_per_pair_formulas():
+    g = torch.Generator().manual_seed(1)
+    shapes = {"q1": (6, 5), "q2": (6, 5), "k1": (6, 9), "o1": (4, 6)}
+
+    def task():
+        return LoRAWeights({m: torch.randn(a, 2, generator=g) for m, (a, b) in shapes.items()},
+                           {m: torch.randn(2, b, generator=g) for m, (a, b) in shapes.items()}, 0.5)
+
+    current, past = task(), [task() for _ in range(3)]
+    r1 = sum((old.up[m] @ current.up[m].T).abs().sum() for old in past for m in shapes)
+    assert orthogonal_subspace_loss(current, past).item() == pytest.approx(r1.item(), rel=1e-5)
+    r1_mean = torch.stack([(old.up[m].T @ current.up[m]).abs().mean() for old in past for m in shapes]).mean()
+    assert orthogonal_subspace_loss(current, past, "mean", "subspace").item() == pytest.approx(r1_mean.item(), rel=1e-5)
+
+    shared = TaskSharedKnowledge(rank=3)
+    shared.initialise("a", past[0], generator=g)
+    for name in "bc":
+        shared.add_task(name)
+        with torch.no_grad():
+            for p in shared.P[name].values():
+                p.normal_(generator=g)
+    loras = dict(zip("abc", past))
+    one_by_one = sum(shared.task_shared_loss(n, loras[n]) for n in "abc")
+    dense = sum(((loras[n].delta(m) - shared.dense_h_w(n, m)) ** 2).sum() for n in "abc" for m in shapes)
+    assert shared.task_shared_loss_sum(loras).item() == pytest.approx(one_by_one.item(), rel=1e-5)
+    assert shared.task_shared_loss_sum(loras).item() == pytest.approx(dense.item(), rel=1e-5)
 
 
 def test_r2_state_survives_a_round_trip(studio):

@@ -80,7 +80,7 @@ class CIDM(Method):
         frozen = LoRAWeights({m: w.detach() for m, w in current.up.items()},
                              {m: w.detach() for m, w in current.down.items()}, current.scale)
         learners = {**task.past, task.config.name: frozen}
-        r2_all = sum(self.shared.task_shared_loss(name, learners[name]) for name in self.shared.tasks)
+        r2_all = self.shared.task_shared_loss_sum({name: learners[name] for name in self.shared.tasks})
         r2_all.backward()  # Eq. 6: ∂R2/∂H = −2(ΔW − HW_*)W_*ᵀ, ∂R2/∂W_* = −2Hᵀ(ΔW − HW_*), by autograd
         self.shared_optimizer.step()  # Eq. 7: H, W_* := H, W_* − η ∂R2/∂(H, W_*), with Adam
         self.shared_optimizer.zero_grad(set_to_none=True)
