@@ -452,28 +452,32 @@ def forgetting(request: gr.Request = None):
     from cidm.plots import forgetting_grid, ia_heatmap, ia_lines
 
     s = studio(request)
-    scores, text_scores = s.forgetting("ia"), s.forgetting("ta")
+    (scores, measured_at), text_scores = s.library.forgetting_record("ia"), s.forgetting("ta")
     tasks = sorted(scores)
 
     def cell(t, n):
         ia, ta = scores[t].get(n), text_scores.get(t, {}).get(n)
-        return "" if ia is None else (f"{ia:.1f}" if ta is None else f"{ia:.1f} / {ta:.1f}")
+        text = "" if ia is None else (f"{ia:.1f}" if ta is None else f"{ia:.1f} / {ta:.1f}")
+        return f"({text})" if text and measured_at[t].get(n, t) != t else text  # carried, not re-generated
 
     rows = [[f"<{n}>", *[cell(t, n) for t in tasks]] for n in s.names]
     header = ["concept", *[f"after task {t} (IA / TA)" for t in tasks]]
-    grid = forgetting_grid(s.library.root, s.names, tasks) if tasks else None
+    grid = forgetting_grid(s.library.root, s.names, tasks, measured_at=measured_at) if tasks else None
     has_ia = any(scores[t] for t in tasks)
     heatmap = ia_heatmap(scores, s.names) if has_ia else None
     lines = None
-    if has_ia:
-        lines = ia_lines({f"<{n}>": {t: scores[t][n] for t in tasks if n in scores[t]} for n in s.names},
-                         title="IA of each concept, from the task that learned it")
+    if has_ia:  # measured points only
+        lines = ia_lines({f"<{n}>": {t: scores[t][n] for t in tasks if measured_at[t].get(n) == t and n in scores[t]}
+                          for n in s.names}, title="IA of each concept, from the task that learned it")
     return gr.update(value=rows, headers=header), grid, heatmap, lines
 
 
 def build_forgetting_tab():
-    gr.Markdown("Every learned concept is re-generated (fixed prompt and seed) after each new task. IA is the image "
-                "similarity to its own photos (×100): a falling row means forgetting.")
+    gr.Markdown(f"After each new task the new concept and the {Studio.forgetting_budget - 1} concepts measured "
+                f"longest ago are re-generated (fixed prompt and seed), so the record costs the same at the 30th "
+                f"concept as at the 4th; the other cells keep their last measurement (faded in the grid, in "
+                f"parentheses in the table). IA is the image similarity to the concept's own photos (×100): a "
+                f"falling row means forgetting.")
     refresh = gr.Button("Refresh")
     table = gr.Dataframe(label="IA after each task", interactive=False)
     grid = gr.Image(label="Concept × after task", type="pil")

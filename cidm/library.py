@@ -8,7 +8,7 @@
     <name>/<method's files>           what the library's method keeps per concept (EWC's Fisher, LFS's context)
     task_shared-*.safetensors         the method's state kept once per library (CIDM: R2's W_* and every task's
                                       H_i), the file the manifest names
-    forgetting/after-<t>/             every concept re-generated after task t, and its scores
+    forgetting/after-<t>/             the concepts re-generated after task t (the new one and those due), scores
 
 This module owns every file format of the library; the rest of the package hands it tensors, images and records.
 
@@ -395,22 +395,53 @@ class Library:
         path = self.task_shared_file
         return read_tensors(path) if path is not None and path.exists() else None
 
+    def _forgetting_scores(self):
+        """Each after-task scores file, oldest first, as {after_task, regenerated, ia, ta}. The files may come from
+        the Hub: one that is not what `write_forgetting` writes is skipped, never trusted."""
+        def numbers(d) -> dict:
+            return {n: float(v) for n, v in d.items() if isinstance(n, str) and isinstance(v, (int, float))} \
+                if isinstance(d, dict) else {}
+
+        found = []
+        for f in (self.root / FORGETTING).glob("after-*/scores.json"):
+            try:
+                data = json.loads(f.read_text()) if f.stat().st_size <= MAX_MANIFEST_BYTES else None
+            except (OSError, ValueError):
+                continue
+            task = data.get("after_task") if isinstance(data, dict) else None
+            if not isinstance(task, int) or isinstance(task, bool) or f.parent.name != f"after-{task:02d}":
+                continue
+            ia, ta = numbers(data.get("ia")), numbers(data.get("ta"))
+            regenerated = data.get("regenerated")
+            if not isinstance(regenerated, list) or not all(isinstance(n, str) for n in regenerated):
+                regenerated = list(ia)
+            found.append({"after_task": task, "regenerated": regenerated, "ia": ia, "ta": ta})
+        return sorted(found, key=lambda d: d["after_task"])
+
     def forgetting(self, metric: str = "ia") -> dict:
-        """{after_task: {concept: score}} from what was stored as tasks were learned; metric "ia" or "ta"."""
-        out = {}
-        for f in sorted((self.root / FORGETTING).glob("after-*/scores.json")):
-            data = json.loads(f.read_text())
-            out[data["after_task"]] = data.get(metric, {})
-        return out
+        """{after_task: {concept: score}} as measured after each task (only the concepts re-generated then)."""
+        return {d["after_task"]: d.get(metric, {}) for d in self._forgetting_scores()}
+
+    def forgetting_record(self, metric: str = "ia") -> tuple[dict, dict]:
+        """The record with every cell filled: ({after_task: {concept: score}}, {after_task: {concept: the task
+        after which that score was measured}}). A concept not re-generated after a task carries its last score."""
+        scores, measured_at, last = {}, {}, {}
+        for data in self._forgetting_scores():
+            task, values = data["after_task"], data.get(metric, {})
+            last.update({n: (task, values.get(n)) for n in data["regenerated"]})
+            scores[task] = {n: v for n, (_, v) in last.items() if v is not None}
+            measured_at[task] = {n: t for n, (t, _) in last.items()}
+        return scores, measured_at
 
     def write_forgetting(self, task: int, images: dict[str, dict[int, Image.Image]], scores: dict) -> None:
-        """Every concept's images re-generated after `task` (by seed), and their scores."""
+        """The concepts' images re-generated after `task` (by seed), and their scores."""
         folder = inside(self.root, self.root / FORGETTING / f"after-{task:02d}")
         folder.mkdir(parents=True, exist_ok=True)
         for name, by_seed in images.items():
             for seed, image in by_seed.items():
                 image.save(folder / f"{name}-{seed}.png")
-        (folder / "scores.json").write_text(json.dumps({"after_task": task, **scores}, indent=1))
+        (folder / "scores.json").write_text(json.dumps({"after_task": task, "regenerated": list(images), **scores},
+                                                       indent=1))
 
     def check_base(self, base_model: str, n_layers: int) -> None:
         """Refuse to use a library with another base model than the one it was learned on."""

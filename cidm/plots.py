@@ -8,8 +8,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def forgetting_grid(library_root: Path, names: list[str], tasks: list[int], cell: int = 96) -> Image.Image:
-    """Rows: concepts; columns: "after task t". Empty where a concept did not exist yet."""
+def forgetting_grid(library_root: Path, names: list[str], tasks: list[int], cell: int = 96,
+                    measured_at: dict[int, dict[str, int]] | None = None) -> Image.Image:
+    """Rows: concepts; columns: "after task t". Empty where a concept did not exist yet. With `measured_at`
+    (`Library.forgetting_record`), a concept not re-generated after task t shows its last image, faded and marked
+    with the task it comes from."""
     label_w, label_h = 110, 22
     grid = Image.new("RGB", (label_w + cell * len(tasks), label_h + cell * len(names)), "white")
     draw = ImageDraw.Draw(grid)
@@ -18,10 +21,17 @@ def forgetting_grid(library_root: Path, names: list[str], tasks: list[int], cell
     for i, n in enumerate(names):
         draw.text((4, label_h + i * cell + cell // 2 - 6), f"<{n}>", fill="black")
         for j, t in enumerate(tasks):
-            f = Path(library_root) / "forgetting" / f"after-{t:02d}" / f"{n}-0.png"
-            if f.exists():
-                grid.paste(Image.open(f).convert("RGB").resize((cell, cell), Image.NEAREST),
-                           (label_w + j * cell, label_h + i * cell))
+            source = (measured_at or {}).get(t, {}).get(n, t)
+            f = Path(library_root) / "forgetting" / f"after-{source:02d}" / f"{n}-0.png"
+            if not f.exists():
+                continue
+            image = Image.open(f).convert("RGB").resize((cell, cell), Image.NEAREST)
+            x, y = label_w + j * cell, label_h + i * cell
+            if source != t:  # carried from an earlier re-generation
+                image = Image.blend(image, Image.new("RGB", image.size, "white"), 0.55)
+            grid.paste(image, (x, y))
+            if source != t:
+                draw.text((x + 4, y + cell - 14), f"= task {source}", fill="black")
     return grid
 
 

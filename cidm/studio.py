@@ -100,7 +100,7 @@ class Studio:
         if changed:  # load what the other writer added meanwhile
             self._reload()
         if self.record_forgetting:
-            self.regenerate_all()
+            self.regenerate_all(budget=self.forgetting_budget)
         return result
 
     def _add(self, stage, config: TaskConfig, result: TaskResult, pixels: torch.Tensor, replace: bool,
@@ -162,7 +162,8 @@ class Studio:
     # ------------------------------------------------------------------------------------------------------------
     # forgetting, shown
 
-    record_forgetting = True  # after each task, re-generate every concept (fixed prompt and seed) and score it
+    record_forgetting = True  # after each task, re-generate concepts (fixed prompt and seed) and score them
+    forgetting_budget = 4  # concepts re-generated per task: the new one and those measured longest ago
 
     def probe_prompt(self, name: str) -> str:
         """The fixed prompt a concept is re-generated with after each task."""
@@ -177,23 +178,39 @@ class Studio:
                 self._evaluator = None
         return self._evaluator
 
-    def regenerate_all(self, seeds: tuple[int, ...] = (0, 1), steps: int = 25) -> dict:
-        """Images of every learned concept after the latest task, stored by the library with their IA and TA."""
+    def due_for_regeneration(self, budget: int | None = None) -> list[str]:
+        """The concepts to re-generate after the latest task: the newest, then those whose last measurement is the
+        oldest (earlier tasks first), `budget` in all (None: every concept). The others keep their last cells, so
+        the record's cost per task stays fixed however many concepts the library holds."""
+        if budget is None or budget >= len(self.names):
+            return list(self.names)
+        newest = self.names[-1]
+        _, measured_at = self.library.forgetting_record("ia")
+        last = measured_at[max(measured_at)] if measured_at else {}
+        rest = sorted((n for n in self.names if n != newest), key=lambda n: (last.get(n, 0), self.names.index(n)))
+        return [newest, *rest[:max(0, budget - 1)]]
+
+    def regenerate_all(self, seeds: tuple[int, ...] = (0, 1), steps: int = 25, budget: int | None = None) -> dict:
+        """Images of the concepts due after the latest task (`due_for_regeneration`), one batch per seed, stored by
+        the library with their IA and TA."""
+        names = self.due_for_regeneration(budget)
+        prompts = [self.probe_prompt(n) for n in names]
+        batches = {s: self.generate(prompts, seed=s, steps=steps) for s in seeds}  # one image per prompt
+        images = {n: {s: batches[s][i] for s in seeds} for i, n in enumerate(names)}
         evaluator = self.evaluator()
-        images, scores, text_scores = {}, {}, {}
-        for name in self.names:
-            images[name] = {s: self.generate(self.probe_prompt(name), seed=s, steps=steps)[0] for s in seeds}
-            if evaluator is not None:
-                generated = list(images[name].values())
-                scores[name] = round(image_alignment(evaluator, generated, self.library.reference_images(name)), 2)
-                text = self.probe_prompt(name).replace(f"<{name}>", self.library.record(name)["class_word"])
-                text_scores[name] = round(text_alignment(evaluator, generated, [text] * len(generated)), 2)
+        scores, text_scores = {}, {}
+        for name in names if evaluator is not None else ():
+            generated = list(images[name].values())
+            scores[name] = round(image_alignment(evaluator, generated, self.library.reference_images(name)), 2)
+            text = self.probe_prompt(name).replace(f"<{name}>", self.library.record(name)["class_word"])
+            text_scores[name] = round(text_alignment(evaluator, generated, [text] * len(generated)), 2)
         self.library.write_forgetting(len(self.library), images, {"ia": scores, "ta": text_scores})
         return scores
 
     def forgetting(self, metric: str = "ia") -> dict:
-        """{after_task: {concept: score}} from what was stored as tasks were learned; metric "ia" or "ta"."""
-        return self.library.forgetting(metric)
+        """{after_task: {concept: score}} from what was stored as tasks were learned; metric "ia" or "ta". A concept
+        not re-generated after a task carries its last measured score (see `forgetting_record`)."""
+        return self.library.forgetting_record(metric)[0]
 
     # ------------------------------------------------------------------------------------------------------------
     # generating

@@ -1,5 +1,7 @@
 """Every method of the benchmark learns two tasks and generates; each leaves the base model exactly as it was."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,35 @@ def test_teachers_prompt_an_earlier_style_with_a_style_template(base, tmp_path, 
     learn(studio, "medic", steps=2, **settings)  # the teacher's second trajectory is the earlier concept's
     assert "a picture in <pixelart> style" in prompts
     assert not any("a photo of a <pixelart>" in p for p in prompts)
+
+
+def test_the_forgetting_record_costs_a_fixed_budget_per_task_and_carries_the_other_cells(base, tmp_path):
+    from cidm.plots import forgetting_grid
+
+    studio = fresh(base, tmp_path / "lib", "cidm")
+    studio.forgetting_budget = 2  # the new concept and the one measured longest ago
+    generated = []
+    real_generate = studio.generate
+    studio.generate = lambda prompt, **kw: generated.append(len(prompt)) or real_generate(prompt, **kw)
+    for name in ("medic", "bolt", "donut", "lucky"):
+        learn(studio, name, steps=1)
+    record = studio.library.root / "forgetting"
+    regenerated = [json.loads((record / f"after-{t:02d}" / "scores.json").read_text())["regenerated"]
+                   for t in (1, 2, 3, 4)]
+    assert regenerated == [["medic"], ["medic", "bolt"], ["donut", "medic"], ["lucky", "bolt"]]
+    assert generated == [1, 1, 2, 2, 2, 2, 2, 2]  # one batch per seed, never more than the budget
+    assert sorted(p.name for p in (record / "after-04").glob("*.png")) == \
+        ["bolt-0.png", "bolt-1.png", "lucky-0.png", "lucky-1.png"]
+    _, measured_at = studio.library.forgetting_record()
+    assert measured_at[4] == {"medic": 3, "bolt": 4, "donut": 3, "lucky": 4}
+    grid = forgetting_grid(studio.library.root, studio.names, [1, 2, 3, 4], measured_at=measured_at)
+    carried = grid.getpixel((110 + 3 * 96 + 48, 22 + 48))  # medic after task 4: its task-3 image, faded
+    fresh_cell = grid.getpixel((110 + 2 * 96 + 48, 22 + 48))  # medic after task 3, as generated
+    assert carried != fresh_cell and carried != (255, 255, 255)
+
+    # a scores file from a hostile Hub library is skipped, never trusted
+    (record / "after-09").mkdir()
+    (record / "after-09" / "scores.json").write_text(json.dumps({"after_task": "../x", "regenerated": 5}))
+    (record / "after-07").mkdir()
+    (record / "after-07" / "scores.json").write_text(json.dumps({"after_task": 8, "ia": {"medic": "x"}}))
+    assert sorted(studio.library.forgetting_record()[1]) == [1, 2, 3, 4]
