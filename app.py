@@ -27,6 +27,7 @@ from PIL import Image
 
 from cidm import models, sessions
 from cidm.bench.results import EXAMPLES, ia_curves, load_results, results_markdown
+from cidm.demo import DEMO_LIBRARY, start_from_demo
 from cidm.images import MAX_PIXELS
 from cidm.library import Library, LibraryError
 from cidm.sampling import SEED_MAX
@@ -301,6 +302,7 @@ def build_generate_tab():
         gallery = gr.Gallery(label="Images", columns=4)
     gr.on([prompt.submit, button.click], generate, [prompt, negative, num_images, steps, guidance, seed], gallery,
           api_name="generate", concurrency_id="gpu", validator=admit(6))
+    return prompt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,6 +487,7 @@ def build_forgetting_tab():
         heatmap = gr.Plot(label="IA heatmap")
         lines = gr.Plot(label="IA over tasks")
     refresh.click(forgetting, None, [table, grid, heatmap, lines], api_name="forgetting", concurrency_id="gpu")
+    outputs = [table, grid, heatmap, lines]
     with gr.Accordion("All methods side by side (a `cidm bench` results file)", open=False):
         results = gr.File(label="results.json (default: the toy-world benchmark shipped with the project)",
                           file_types=[".json"], value=str(BENCH_RESULTS) if BENCH_RESULTS.exists() else None)
@@ -492,6 +495,7 @@ def build_forgetting_tab():
         tables = gr.Markdown()
         curves = gr.Plot(label="Average IA of the learned concepts after each task")
     compare.click(methods_view, results, [tables, curves], api_name="methods")
+    return outputs
 
 
 def methods_view(results_file):
@@ -613,6 +617,54 @@ def build_library_tab():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# First visit
+
+
+def welcome(request: gr.Request = None):
+    """The first-visit choice, shown while the visitor's library is empty and a demo library is shipped."""
+    return gr.update(visible=not concept_names(request) and (DEMO_LIBRARY / "library.json").is_file())
+
+
+def demo_canvas(names: list[str], kinds: dict[str, str]):
+    """A canvas with two boxes, side by side, for the first two object concepts: Compose works at one click."""
+    size = max(base()[1].resolution, CANVAS)
+    objects = [n for n in names if kinds.get(n) == "object"][:2]
+    boxes = [{"xmin": int(size * (0.04 + 0.5 * i)), "ymin": int(size * 0.25), "xmax": int(size * (0.46 + 0.5 * i)),
+              "ymax": int(size * 0.75), "label": n} for i, n in enumerate(objects)]
+    return image_annotator(value={"image": Image.new("RGB", (size, size), (235, 235, 235)), "boxes": boxes},
+                           label_list=names)
+
+
+@counted
+def start_demo(request: gr.Request = None):
+    """Copy the demo library into the visitor's own library; fill Generate, Compose and Forgetting from it."""
+    try:
+        names = start_from_demo(library_path(request))
+        s = studio(request)
+    except USER_ERRORS as err:
+        raise user_error(err, request) from err
+    kinds = {n: s.library.record(n)["kind"] for n in names}
+    first = next((n for n in names if kinds[n] == "object"), names[0])
+    message = (f"Your library now holds the demo's {len(names)} concepts ({', '.join(f'<{n}>' for n in names)}), "
+               f"learned one after another. Compose has two of them in boxes; Forgetting shows each concept after "
+               f"every task. What you learn or delete changes your copy only.")
+    return (gr.update(visible=False), message, f"a photo of a <{first}> on a beach", demo_canvas(names, kinds),
+            *forgetting(request))
+
+
+def build_welcome():
+    with gr.Group(visible=False) as box:
+        gr.Markdown("**Your library is empty.** Start from the demo library: ten concepts (seven objects, three "
+                    "styles) learned one after another on this base model, with the record of how each held up "
+                    "after every later task. Or start empty and teach your own.")
+        with gr.Row():
+            start = gr.Button("Start from the demo library (10 concepts)", variant="primary")
+            empty = gr.Button("Start empty")
+    empty.click(lambda: gr.update(visible=False), None, box)
+    return box, start
+
+
 def build_app() -> gr.Blocks:
     # Gradio's own copies (uploads, results, downloads) are deleted after the same time to live as session folders
     ttl = int(sessions.TTL_SECONDS)
@@ -625,18 +677,23 @@ def build_app() -> gr.Blocks:
                         f"deleted {ttl // 3600} hours after your last use. For a private library that persists, and a "
                         f"GPU, duplicate this Space.")
             gr.DuplicateButton()
+        first_visit, start = build_welcome()
+        started = gr.Markdown()
         with gr.Tabs():
             with gr.Tab("Generate"):
-                build_generate_tab()
+                prompt = build_generate_tab()
             with gr.Tab("Learn a concept"):
                 build_learn_tab()
             with gr.Tab("Compose"):
                 canvas = build_compose_tab()
             with gr.Tab("Forgetting"):
-                build_forgetting_tab()
+                record = build_forgetting_tab()
             with gr.Tab("Library"):
                 build_library_tab()
+        start.click(start_demo, None, [first_visit, started, prompt, canvas, *record], api_name="start_demo",
+                    concurrency_id="gpu")
         demo.load(blank_canvas, None, canvas)
+        demo.load(welcome, None, first_visit)
     demo.queue(max_size=16, default_concurrency_limit=1)
     _DEMO["demo"] = demo
     return demo

@@ -189,6 +189,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import build_demo_library
+
+    build_demo_library(args.out, base_model=args.base_model, seed=args.seed)
+    print(f"demo library in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cidm", description="CIDM Studio: learn concepts one after another "
                                      "without forgetting, and compose them in boxes.")
@@ -271,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", help="base model (default as for `info`)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="learn the standard sequence (with its forgetting record) into a library: the "
+                       "demo library the app offers on a first visit")
+    p.add_argument("--out", required=True, help="an empty library folder (the shipped one: examples/demo-library)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-model")
+    p.set_defaults(func=cmd_demo)
 
     tw = sub.add_parser("toyworld", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     p = tw.add_parser("train", help="train the toy world's tokenizer, VAE, evaluator, text encoder and UNet from "

@@ -351,18 +351,17 @@ class Library:
                         if p.is_file() and not p.name.startswith(".") and _is_inside(self.root, p)]
         return out
 
-    def snapshot(self, dest: str | Path) -> list[str]:
-        """Hard-link (or copy) every file of the library into `dest`, under the lock: a consistent copy that later
-        changes do not touch (a change writes new files and renames them into place; it never rewrites one)."""
+    def snapshot(self, dest: str | Path, link: bool = True) -> list[str]:
+        """Hard-link (`link`, else copy) every file of the library into `dest`, under the lock: a consistent copy
+        that later changes do not touch (a change writes new files and renames them into place; it never rewrites
+        one). A read-only library (e.g. the shipped demo) is copied without its lock: nothing is written there."""
         dest = Path(dest)
-        with self.lock():
+        with contextlib.nullcontext() if self.read_only else self.lock():
             self.manifest = self._read()
             names = self.files()
             for rel in names:
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(self.root / rel, dest / rel)
-                except OSError:
+                if not (link and _hard_link(self.root / rel, dest / rel)):
                     shutil.copy2(self.root / rel, dest / rel)
         return names
 
@@ -605,6 +604,14 @@ class Library:
             self.record(name)
             manifest["concepts"][name].update(fields)
             self._publish(manifest)
+
+
+def _hard_link(src: Path, dest: Path) -> bool:
+    try:
+        os.link(src, dest)
+        return True
+    except OSError:  # another file system, or links not allowed
+        return False
 
 
 def _check_new(manifest: dict, name: str, replace: bool) -> None:

@@ -111,6 +111,12 @@ def display_name(source: str) -> str:
     return Path(source).name if _looks_local(source) else source
 
 
+def library_source(source: str) -> str:
+    """How a library records its base model: a Hub id as it is, a local folder by its name (the library check
+    compares names), never the path on the machine that learned it, which a shared library would carry."""
+    return Path(source).name if _looks_local(source) else source
+
+
 def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] or not _HUB_ID.match(model)
 

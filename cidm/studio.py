@@ -18,7 +18,7 @@ from .generate import GenerateConfig, generate
 from .library import Library, LibraryError
 from .methods import get_method
 from .metrics import Evaluator, image_alignment, text_alignment
-from .models import BaseModelError, display_name, load_base
+from .models import BaseModelError, display_name, library_source, load_base
 from .regions import Region, compose, edit, pixel_box
 from .sampling import vae_scale
 from .templates import check_kind, probe_prompt
@@ -114,12 +114,12 @@ class Studio:
             stage, name, result.token_rows,
             {"name": name, "n_slots": str(config.n_slots), "class_word": config.class_word}, result.lora,
             result.lora_config, pixels, {"name": name, "class_word": config.class_word, "kind": config.kind,
-                                         "base_model": self.info.source}, method_files)
+                                         "base_model": library_source(self.info.source)}, method_files)
         record = {"class_word": config.class_word, "kind": config.kind, "task": len(self.library) + 1,
                   "tokens": self.tokens.slots[name], "training": {**dataclasses.asdict(config),
                                                                   **self.method.parameters()},
                   "seconds": round(result.seconds, 1), "final_terms": result.final_terms, "n_images": len(pixels)}
-        base = {"source": self.info.source, "n_layers": self.info.num_cross_attn_layers,
+        base = {"source": library_source(self.info.source), "n_layers": self.info.num_cross_attn_layers,
                 "pipeline_class": self.info.pipeline_class}
         with self.library.lock():  # the manifest as it is on disk now, not as it was when learning began
             on_disk = Library(self.library.root, read_only=True)

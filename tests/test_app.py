@@ -143,3 +143,40 @@ def test_edit_tab_keeps_pixels_outside_the_box(app, tmp_path):
     np.testing.assert_array_equal(edited[:32], np.asarray(original)[:32])
     with pytest.raises(gr.Error, match="No image"):
         app.edit(None, "0,0,1,1", "x", 0.5, 2, 5.0, 0)
+
+
+def test_a_first_visit_can_start_from_a_copy_of_the_demo_library(app, tmp_path, monkeypatch):
+    import os
+
+    from cidm import demo
+    from cidm.library import Library, LibraryError
+    from cidm.studio import Studio
+
+    shipped = tmp_path / "demo-library"  # a demo learned on the test's tiny base (the real one: embedded world)
+    s = Studio(shipped, pipe=app.base()[0], info=app.base()[1])
+    for name in ("medic", "bolt", "pixelart"):
+        spec = C.spec(name)
+        s.learn(name, photos(tmp_path, name), spec.class_word, spec.kind, steps=1)
+    monkeypatch.setattr(app, "DEMO_LIBRARY", shipped)
+    monkeypatch.setattr(demo, "DEMO_LIBRARY", shipped)
+    monkeypatch.setattr(app, "start_from_demo", lambda dest: demo.start_from_demo(dest, shipped))
+    before = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file())
+
+    assert app.welcome()["visible"] is True
+    hidden, message, prompt, canvas, table, grid, _, _ = app.start_demo()
+    assert hidden["visible"] is False and "<medic>, <bolt>, <pixelart>" in message
+    assert prompt == "a photo of a <medic> on a beach"
+    assert [b["label"] for b in canvas.value["boxes"]] == ["medic", "bolt"]  # two objects, side by side
+    assert [row[0] for row in table["value"]] == ["<medic>", "<bolt>", "<pixelart>"] and grid is not None
+    assert app.welcome()["visible"] is False
+
+    mine = tmp_path / "library"
+    assert Library(mine).names == ["medic", "bolt", "pixelart"]
+    assert os.stat(mine / "medic" / "tokens.safetensors").st_ino != os.stat(shipped / "medic" / "tokens.safetensors").st_ino
+    app.delete("bolt")  # the visitor's copy changes; the shipped library does not
+    assert Library(mine).names == ["medic", "pixelart"]
+    assert sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file()) == before
+    with pytest.raises(LibraryError, match="already holds 2 concepts"):
+        demo.start_from_demo(mine, shipped)
+    with pytest.raises(LibraryError, match="no demo library"):
+        demo.start_from_demo(tmp_path / "other", tmp_path / "missing")
