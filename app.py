@@ -646,7 +646,7 @@ def start_demo(request: gr.Request = None):
         raise user_error(err, request) from err
     kinds = {n: s.library.record(n)["kind"] for n in names}
     first = next((n for n in names if kinds[n] == "object"), names[0])
-    message = (f"Your library now holds the demo's {len(names)} concepts ({', '.join(f'<{n}>' for n in names)}), "
+    message = (f"Your library now holds the demo's {len(names)} concepts ({', '.join(f'`<{n}>`' for n in names)}), "
                f"learned one after another. Compose has two of them in boxes; Forgetting shows each concept after "
                f"every task. What you learn or delete changes your copy only.")
     return (gr.update(visible=False), message, f"a photo of a <{first}> on a beach", demo_canvas(names, kinds),

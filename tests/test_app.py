@@ -164,7 +164,7 @@ def test_a_first_visit_can_start_from_a_copy_of_the_demo_library(app, tmp_path, 
 
     assert app.welcome()["visible"] is True
     hidden, message, prompt, canvas, table, grid, _, _ = app.start_demo()
-    assert hidden["visible"] is False and "<medic>, <bolt>, <pixelart>" in message
+    assert hidden["visible"] is False and "`<medic>`, `<bolt>`, `<pixelart>`" in message
     assert prompt == "a photo of a <medic> on a beach"
     assert [b["label"] for b in canvas.value["boxes"]] == ["medic", "bolt"]  # two objects, side by side
     assert [row[0] for row in table["value"]] == ["<medic>", "<bolt>", "<pixelart>"] and grid is not None

@@ -60,8 +60,9 @@ def test_first_visit_starts_from_the_demo_library_composes_and_shows_the_forgett
         page.screenshot(path=str(shots / "compose.png"), full_page=True)
 
         page.get_by_role("tab", name="Forgetting").click()
-        grid = page.get_by_label("Concept × after task").locator("img")
-        grid.wait_for(timeout=30_000)
+        page.get_by_text("after task 10 (IA / TA)").first.wait_for(timeout=30_000)  # the table, then the grid
+        page.wait_for_function("() => [...document.querySelectorAll('img')].some(i => i.naturalWidth > 1000)",
+                               timeout=30_000)  # 110 + 10 × 96 px wide
         page.screenshot(path=str(shots / "forgetting.png"), full_page=True)
         browser.close()
     print(f"\nfrom opening the page to the first composed image: {first_composed:.1f} s")
