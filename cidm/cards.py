@@ -66,7 +66,7 @@ Write `<{{ name }}>` in a prompt, for example: `{{ instance_prompt }}`.
 Made by CIDM Studio right after learning, from `{{ sample_prompt }}` (seed {{ sample_seed }}, {{ sample_steps }} \
 steps):
 
-{% for path in samples %}![<{{ name }}>, sample {{ loop.index }}]({{ path }}) {% endfor %}
+{% for path in samples %}![{{ name }}, sample {{ loop.index }}]({{ path }}) {% endfor %}
 {% endif %}
 ## Use it in a plain diffusers pipeline
 
