@@ -30,7 +30,7 @@ def push_library(root, repo_id: str, token: str, private: bool = True, api=None,
     check_repo_id(repo_id)
     library = Library(root)
     api = api or HfApi(token=token, endpoint=endpoint)
-    library.write_card()
+    library.write_card(repo_id)
     with library.staging() as stage:
         library.snapshot(stage / "library")
         try:
@@ -51,17 +51,17 @@ def pull_library(repo_id: str, dest, token: str | None = None, endpoint: str | N
     """Download a library pushed with `push_library` into `dest`, which must hold no concepts yet.
 
     Its `library.json` comes first and is checked (names, task-shared file, paths, base model, number of concepts);
-    then the repo's listing tells the size of what that manifest names, which must stay under `MAX_PULL_BYTES`, and
-    only those files are downloaded. It lands in a temporary folder beside `dest` and moves in by renames, under
-    `dest`'s lock, `library.json` last: nothing the user has is overwritten and nothing outside `dest` is removed.
+    then the repo's listing tells the size of the files a library with those concepts may hold
+    (`library.library_file_allowed`), which must stay under `MAX_PULL_BYTES`, and only those files are downloaded.
+    It lands in a temporary folder beside `dest` and moves in by renames, under `dest`'s lock, `library.json` last:
+    nothing the user has is overwritten and nothing outside `dest` is removed.
     `token`: the visitor's; None means anonymous (a stored or HF_TOKEN token is never picked up silently).
     """
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils import filter_repo_objects
 
-    from .library import (CARD_FILE, CONCEPT_FILES, FORGETTING, MANIFEST, MAX_CONCEPTS, MAX_MANIFEST_BYTES, Library,
-                          LibraryError)
+    from .library import (CONCEPT_FILES, MANIFEST, MAX_CONCEPTS, MAX_MANIFEST_BYTES, Library, LibraryError,
+                          library_file_allowed)
 
     check_repo_id(repo_id)
     dest = Path(dest)
@@ -104,15 +104,13 @@ def pull_library(repo_id: str, dest, token: str | None = None, endpoint: str | N
         fetch("library.json", lambda: hf_hub_download(repo_id, MANIFEST, local_dir=tmp, token=auth,
                                                       endpoint=endpoint, cache_dir=stage / ".cache"))
         pulled = checked()
-        patterns = [MANIFEST, CARD_FILE, f"{FORGETTING}/*", *(f"{n}/*" for n in pulled.names)]
-        patterns += [pulled.manifest["task_shared"]] if pulled.manifest.get("task_shared") else []
-        wanted = list(filter_repo_objects(listing, allow_patterns=patterns))
+        wanted = [f for f in listing if library_file_allowed(f, pulled.names, pulled.manifest.get("task_shared"))]
         size = sum(listing[f] for f in wanted)
         if size > MAX_PULL_BYTES or len(wanted) > MAX_PULL_FILES:
             raise ValueError(f"{repo_id!r} is too large to load here: {size / 2 ** 20:.0f} MB in {len(wanted)} files "
                              f"(at most {MAX_PULL_BYTES / 2 ** 20:.0f} MB and {MAX_PULL_FILES} files, "
                              f"CIDM_MAX_PULL_MB)")
-        fetch("its files", lambda: snapshot_download(repo_id, local_dir=tmp, allow_patterns=patterns, token=auth,
+        fetch("its files", lambda: snapshot_download(repo_id, local_dir=tmp, allow_patterns=wanted, token=auth,
                                                      endpoint=endpoint, cache_dir=stage / ".cache"))
         shutil.rmtree(stage / ".cache", ignore_errors=True)  # the hub's bookkeeping stays in here, not in ~/.cache
         pulled = checked()  # the repo may have changed between the two downloads

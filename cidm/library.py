@@ -3,7 +3,10 @@
     library.json                      manifest: base model, method + settings, task order, one record per concept
     <name>/pytorch_lora_weights.safetensors   the task's LoRA, diffusers format (`pipe.load_lora_weights(<name>)`)
     <name>/tokens.safetensors         layer-wise token embeddings (n_slots · L, D)
+    <name>/learned_embeds.safetensors the tokens as one textual-inversion embedding per slot, for a plain pipeline
+                                      (`pipe.load_textual_inversion(<file>, token="<name>")`)
     <name>/images/*.png               the reference images
+    <name>/samples/*.png              images of the concept made right after it was learned (shown in the card)
     <name>/README.md                  model card
     <name>/<method's files>           what the library's method keeps per concept (EWC's Fisher, LFS's context)
     task_shared-*.safetensors         the method's state kept once per library (CIDM: R2's W_* and every task's
@@ -19,6 +22,7 @@ previous manifest and every earlier concept exactly as they were; stray staging 
 Several writers (two Studios, the app beside the command line) may share one library: every read-modify-write of the
 manifest holds the lock file `.lock` and re-reads the manifest under it, so no writer's change is lost. A manifest is
 never trusted: every read checks names, the task-shared file name and that every path stays inside the library.
+What a library may hold is a closed list (`library_file_allowed`): a push uploads and a pull downloads nothing else.
 """
 
 from __future__ import annotations
@@ -34,19 +38,21 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
-from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .cards import concept_card, library_card
+from .images import save_png
 from .lora import LORA_FILE, LoRAWeights
-from .templates import card_prompt
 
 MANIFEST = "library.json"
 FORMAT = 1
 TOKENS_FILE = "tokens.safetensors"
 CARD_FILE = "README.md"
+TEXTUAL_INVERSION_FILE = "learned_embeds.safetensors"  # the name diffusers' textual-inversion scripts write
 IMAGES = "images"
+SAMPLES = "samples"
 FORGETTING = "forgetting"
 NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 NAME_HELP = ("1–40 characters: lower-case letters a–z, digits, '-' and '_', starting with a letter or digit "
@@ -58,6 +64,7 @@ LOCK_TIMEOUT = 60.0  # seconds a writer waits for another one before giving up w
 MAX_CONCEPTS = int(os.environ.get("CIDM_MAX_CONCEPTS", "50"))  # concepts one library may hold
 MAX_MANIFEST_BYTES = 4 * 2 ** 20  # a library.json larger than this is refused before it is parsed
 CONCEPT_FILES = (TOKENS_FILE, LORA_FILE)  # what marks a folder as a concept
+FILE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")  # one part of a library file's path (no '.' first)
 
 
 class LibraryError(ValueError):
@@ -118,6 +125,26 @@ def check_manifest(data, where: str) -> dict:
     return data
 
 
+def library_file_allowed(path: str, names: list[str], task_shared: str | None = None) -> bool:
+    """Whether `path` (relative, '/'-separated) is a file a library with concepts `names` may hold: the manifest,
+    the card, the task-shared file; in a concept's folder its card, tensors (`*.safetensors`: tokens, LoRA,
+    textual inversion, a method's) and images (`*.png` beside them, in `images/` or `samples/`); stored
+    re-generations in `forgetting/after-<t>/`. A pulled repo brings nothing else, a push uploads nothing else."""
+    parts = path.split("/")
+    if not all(FILE_PART.match(p) for p in parts):
+        return False
+    if len(parts) == 1:
+        return path in (MANIFEST, CARD_FILE) or path == task_shared
+    if parts[0] == FORGETTING:
+        return len(parts) == 3 and re.match(r"^after-\d+$", parts[1]) is not None and \
+            parts[2].endswith((".png", ".json"))
+    if parts[0] not in names:
+        return False
+    if len(parts) == 2:
+        return parts[1] == CARD_FILE or parts[1].endswith((".safetensors", ".png"))
+    return len(parts) == 3 and parts[1] in (IMAGES, SAMPLES) and parts[2].endswith(".png")
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
@@ -168,49 +195,32 @@ def read_lora(folder: Path, device="cpu") -> LoRAWeights:
     return LoRAWeights(up=up, down=down, scale=config.get("lora_alpha", rank) / config.get("r", rank))
 
 
+def write_textual_inversion(folder: Path, name: str, vectors: list[torch.Tensor]) -> Path:
+    """A concept's single-vector embeddings (one (n_slots, D_i) tensor per text encoder) as diffusers'
+    `load_textual_inversion` reads them: one text encoder, `{"<name>": (n_slots, D)}` (several slots make a
+    multi-vector embedding: diffusers writes `<name>` as `<name> <name>_1 …`); two (SDXL), `{"clip_l", "clip_g"}`,
+    as diffusers' SDXL textual-inversion scripts save them."""
+    if len(vectors) not in (1, 2):
+        raise ValueError(f"a textual-inversion file holds one or two text encoders' embeddings, not {len(vectors)}")
+    keys = [f"<{name}>"] if len(vectors) == 1 else ["clip_l", "clip_g"]
+    path = Path(folder) / TEXTUAL_INVERSION_FILE
+    write_tensors(path, {k: v.float() for k, v in zip(keys, vectors)},
+                  {"name": name, "made_from": "tokens.safetensors, mean over the cross-attention layers"})
+    return path
+
+
+def textual_inversion_encoders(path: Path) -> int:
+    """How many text encoders a textual-inversion file written by `write_textual_inversion` serves."""
+    with safe_open(str(path), "pt") as f:
+        return 2 if "clip_g" in f.keys() else 1
+
+
 def write_images(folder: Path, pixels: torch.Tensor) -> None:
     """Images (N, 3, H, W) in [-1, 1] as `0.png`, `1.png`, …"""
     folder.mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(pixels):
         array = ((p.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         Image.fromarray(array).save(folder / f"{i}.png")
-
-
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# `<{{ name }}>`: a CIDM concept
-
-A {{ kind }} concept learned with [CIDM Studio](https://github.com/) (Concept-Incremental text-to-image Diffusion,
-Dong et al., NeurIPS 2024) on `{{ base_model }}`. Class word: `{{ class_word }}`.
-
-Write `<{{ name }}>` in a prompt, for example: `{{ instance_prompt }}`.
-
-- `pytorch_lora_weights.safetensors`: the concept's LoRA on the UNet cross-attention (diffusers format;
-  `pipe.load_lora_weights(folder)` loads it).
-- `tokens.safetensors`: the layer-wise token embeddings (one per cross-attention layer and token slot). With only the
-  LoRA and no tokens, a plain pipeline does not know the word `<{{ name }}>`; CIDM Studio loads both.
-- `images/`: the reference images it was learned from.
-"""
-
-
-def concept_card(name: str, class_word: str, kind: str, base_model: str) -> ModelCard:
-    prompt = card_prompt(name, kind)
-    data = ModelCardData(base_model=base_model if "/" in base_model and not base_model.startswith("/") else None,
-                         tags=["text-to-image", "diffusers", "lora", "cidm"], library_name="diffusers",
-                         instance_prompt=prompt)
-    return ModelCard.from_template(data, template_str=CARD_TEMPLATE, name=name, kind=kind, class_word=class_word,
-                                   base_model=base_model, instance_prompt=prompt)
-
-
-LIBRARY_CARD = ("---\n{{ card_data }}\n---\n\n# A CIDM concept library\n\nConcepts learned one after another with CIDM "
-                "Studio; each folder holds a diffusers LoRA, layer-wise tokens and a model card.\n")
-
-
-def library_card() -> ModelCard:
-    return ModelCard.from_template(ModelCardData(tags=["text-to-image", "diffusers", "lora", "cidm"],
-                                                 library_name="diffusers"), template_str=LIBRARY_CARD)
 
 
 class Library:
@@ -340,15 +350,17 @@ class Library:
 
     def files(self) -> list[str]:
         """Every file that belongs to the library, relative to its root: the manifest, the model card, the
-        task-shared state, the concept folders it names and the stored re-generations. Nothing else (no staging,
-        lock or temporary files, nothing that resolves outside the library)."""
-        top = [MANIFEST, CARD_FILE, self.manifest.get("task_shared")]
+        task-shared state, the concept folders it names and the stored re-generations, as `library_file_allowed`
+        lists them. Nothing else (no staging, lock or temporary files, no stray file a user dropped in a concept's
+        folder, nothing that resolves outside the library)."""
+        names, shared = self.manifest["tasks"], self.manifest.get("task_shared")
+        top = [MANIFEST, CARD_FILE, shared]
         out = [f for f in top if f and (self.root / f).is_file() and _is_inside(self.root, self.root / f)]
-        for folder in [*self.manifest["tasks"], *RESERVED]:
+        for folder in [*names, *RESERVED]:
             base = self.root / folder
             if base.is_dir() and _is_inside(self.root, base):
-                out += [str(p.relative_to(self.root)) for p in sorted(base.rglob("*"))
-                        if p.is_file() and not p.name.startswith(".") and _is_inside(self.root, p)]
+                out += [rel for p in sorted(base.rglob("*")) if p.is_file() and _is_inside(self.root, p)
+                        and library_file_allowed(rel := p.relative_to(self.root).as_posix(), names, shared)]
         return out
 
     def snapshot(self, dest: str | Path, link: bool = True) -> list[str]:
@@ -473,15 +485,24 @@ class Library:
             live.release()
 
     def stage_concept(self, stage: Path, name: str, token_rows: torch.Tensor, token_meta: dict, lora: LoRAWeights,
-                      lora_config: dict, pixels: torch.Tensor, card: dict, method_files: dict) -> Path:
-        """Write a new concept's folder inside a staging folder: tokens, LoRA, reference images, card, and the
-        method's files (tensors as safetensors, images as PNG)."""
+                      lora_config: dict, pixels: torch.Tensor, card: dict, method_files: dict,
+                      single_vectors: list[torch.Tensor], samples: list[Image.Image] = ()) -> Path:
+        """Write a new concept's folder inside a staging folder: tokens, LoRA, their textual-inversion form
+        (`single_vectors`, one (n_slots, D) tensor per text encoder), reference images, samples made right after
+        learning (PNG with how they were made), card, and the method's files (tensors as safetensors, images as
+        PNG)."""
         folder = stage / name
         folder.mkdir()
         write_tensors(folder / TOKENS_FILE, {"embeddings": token_rows.float()}, token_meta)
         write_lora(folder, lora, lora_config)
+        write_textual_inversion(folder, name, single_vectors)
         write_images(folder / IMAGES, pixels)
-        concept_card(**card).save(folder / CARD_FILE)
+        if samples:
+            (folder / SAMPLES).mkdir()
+        for i, image in enumerate(samples):
+            save_png(image, folder / SAMPLES / f"{i}.png")
+        concept_card(**card, n_text_encoders=len(single_vectors), ti_file=TEXTUAL_INVERSION_FILE,
+                     samples=[f"{SAMPLES}/{i}.png" for i in range(len(samples))]).save(folder / CARD_FILE)
         for file, content in method_files.items():
             if isinstance(content, Image.Image):
                 content.save(folder / file)
@@ -568,12 +589,20 @@ class Library:
         if old_state and old_state != manifest.get("task_shared"):
             (self.root / old_state).unlink(missing_ok=True)
 
-    def write_card(self) -> None:
-        """The library's model card (for the Hub), written aside and renamed under the lock: a snapshot taken
-        meanwhile keeps the old card intact."""
+    def write_card(self, repo_id: str | None = None) -> None:
+        """The library's model card (for the Hub repo `repo_id`), written aside and renamed under the lock: a
+        snapshot taken meanwhile keeps the old card intact. Its snippet uses the first concept, where that concept
+        has its textual-inversion file (libraries learned before it existed have none)."""
         with self.lock():
+            self.manifest = manifest = self._read()
+            concepts = [{**manifest["concepts"][n], "name": n} for n in manifest["tasks"]]
+            base = manifest.get("base_model") or {}
+            embeds = self.root / concepts[0]["name"] / TEXTUAL_INVERSION_FILE if concepts else None
+            usable = embeds is not None and embeds.is_file() and _is_inside(self.root, embeds)
+            card = library_card(concepts, base.get("source") if usable else None, base.get("pipeline_class", ""),
+                                textual_inversion_encoders(embeds) if usable else 1, TEXTUAL_INVERSION_FILE, repo_id)
             tmp = self.root / f".{CARD_FILE}.{uuid.uuid4().hex}.tmp"
-            library_card().save(tmp)
+            card.save(tmp)
             os.replace(tmp, self.root / CARD_FILE)
 
     def move_in(self, stage: Path) -> None:

@@ -117,6 +117,11 @@ def library_source(source: str) -> str:
     return Path(source).name if _looks_local(source) else source
 
 
+def is_hub_id(source: str) -> bool:
+    """Whether a base model is named by its Hub id, not by a folder on this machine."""
+    return not _looks_local(source) and not Path(source).expanduser().exists()
+
+
 def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] or not _HUB_ID.match(model)
 

@@ -110,11 +110,13 @@ class Studio:
         name = config.name
         self.loras[name] = result.lora
         method_files = self.method.concept_files(self, config)  # e.g. LFS's vision context, sampled now
+        samples, how = self._card_samples(config)
+        card = {"name": name, "class_word": config.class_word, "kind": config.kind, "base_model": self.info.source,
+                "pipeline_class": self.info.pipeline_class, **how}
         folder = self.library.stage_concept(
             stage, name, result.token_rows,
             {"name": name, "n_slots": str(config.n_slots), "class_word": config.class_word}, result.lora,
-            result.lora_config, pixels, {"name": name, "class_word": config.class_word, "kind": config.kind,
-                                         "base_model": library_source(self.info.source)}, method_files)
+            result.lora_config, pixels, card, method_files, self.tokens.single_vectors(name), samples)
         record = {"class_word": config.class_word, "kind": config.kind, "task": len(self.library) + 1,
                   "tokens": self.tokens.slots[name], "training": {**dataclasses.asdict(config),
                                                                   **self.method.parameters()},
@@ -129,6 +131,17 @@ class Studio:
             self.library.commit_concept(name, folder, record, base, self.method.name, self.method.settings(), state,
                                         replace=replace)
         return changed
+
+    card_samples = 2  # images of a new concept made right after it is learned, for its model card (0: none)
+
+    def _card_samples(self, config: TaskConfig) -> tuple[list, dict]:
+        """Images of the concept just learned, for its card: its probe prompt, seed 0, in one batched call at the
+        default steps; and how they were made."""
+        if not self.card_samples:
+            return [], {}
+        prompt, settings = probe_prompt(config.name, config.kind), {"seed": 0, "num_images": self.card_samples}
+        how = {"sample_prompt": prompt, "sample_seed": 0, "sample_steps": self.settings(**settings).steps}
+        return self.generate(prompt, **settings), how
 
     def _forget(self, name: str) -> None:
         self.tokens.remove(name)

@@ -232,3 +232,11 @@ class ConceptTokens:
 
     def rows(self, name: str) -> torch.Tensor:
         return self.embedding.concepts[name]
+
+    def single_vectors(self, name: str) -> list[torch.Tensor]:
+        """The concept for a plain pipeline, where every cross-attention layer reads the same text: per slot, the
+        mean of its L layer-wise rows (the one vector nearest to all of them in least squares), split by text
+        encoder: [(n_slots, D_i)]. On the toy world no single layer's row is best for every concept, and a layer's
+        index does not carry from one base to another (README, "A concept in a plain diffusers pipeline")."""
+        mean = self.rows(name).detach().float().cpu().view(self.slots[name], self.n_layers, -1).mean(1)
+        return [mean[:, e.columns].clone() for e in self.embeddings]

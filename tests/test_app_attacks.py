@@ -326,7 +326,7 @@ def test_broken_or_oversized_hub_libraries_are_refused(world, online, monkeypatc
     monkeypatch.setattr(cidm.hub, "MAX_PULL_BYTES", 1_000_000)
     served = len(world.fake.served)
     refused("pull of a repo larger than the cap", lambda: client.predict(
-        hostile(world, "evil/big", medic__images__huge_bin=b"\0" * 1_500_000), api_name="/pull"),
+        hostile(world, "evil/big", **{"medic__images__huge.png": b"\0" * 1_500_000}), api_name="/pull"),
         "too large to load here")
     assert world.fake.served[served:] == ["evil/big/library.json"]  # decided before the download
     monkeypatch.setattr(cidm.library, "MAX_CONCEPTS", 0)

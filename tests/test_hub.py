@@ -42,13 +42,40 @@ def test_push_uploads_the_library_with_cards_and_the_token(library):
     assert fake.tokens == {"hf_secret"}
     files = fake.repos["me/my-concepts"]
     for name in ("medic", "pixelart"):
-        assert f"{name}/pytorch_lora_weights.safetensors" in files and f"{name}/tokens.safetensors" in files
-        card = front_matter(files[f"{name}/README.md"].decode())
+        for f in ("pytorch_lora_weights.safetensors", "tokens.safetensors", "learned_embeds.safetensors",
+                  "samples/0.png", "samples/1.png"):
+            assert f"{name}/{f}" in files, f
+        text = files[f"{name}/README.md"].decode()
+        card = front_matter(text)
         assert {"text-to-image", "diffusers", "lora", "cidm"} <= set(card["tags"])
         assert f"<{name}>" in card["instance_prompt"]
+        assert [w["output"]["url"] for w in card["widget"]] == ["samples/0.png", "samples/1.png"]
+        assert "](samples/0.png)" in text and "](samples/1.png)" in text
+        assert f'pipe.load_textual_inversion(f"{{folder}}/learned_embeds.safetensors", token="<{name}>")' in text
     assert json.loads(files["library.json"])["tasks"] == ["medic", "pixelart"]
-    assert "cidm" in front_matter(files["README.md"].decode())["tags"]
+    library_card = files["README.md"].decode()
+    assert "cidm" in front_matter(library_card)["tags"]
+    assert 'snapshot_download("me/my-concepts", allow_patterns="medic/*")' in library_card
+    assert "[`<pixelart>`](pixelart/README.md)" in library_card
     assert not any(p.startswith(".staging") for p in files)
+
+
+def test_cards_link_the_paper_and_the_space_and_never_a_placeholder(library, monkeypatch):
+    import re
+
+    from cidm.cards import concept_card
+
+    links = re.compile(r"\]\((https?://[^)]*)\)")
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("CIDM_PROJECT_URL", raising=False)
+    text = (library / "medic" / "README.md").read_text()
+    assert set(links.findall(text)) == {"https://arxiv.org/abs/2410.17594", "https://github.com/JiahuaDong/CIFC"}
+    monkeypatch.setenv("SPACE_ID", "someone/cidm-studio")
+    monkeypatch.setenv("CIDM_PROJECT_URL", "https://example.org/cidm-studio")
+    text = str(concept_card("medic", "square", "object", "/srv/models/my-sd"))
+    assert {"https://huggingface.co/spaces/someone/cidm-studio", "https://example.org/cidm-studio"} <= \
+        set(links.findall(text))
+    assert "/srv/models" not in text and "`my-sd`" in text  # the server's path is never shown
 
 
 def test_pull_restores_a_pushed_library_into_an_empty_one_only(library, base, tmp_path):

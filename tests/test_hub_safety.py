@@ -58,7 +58,7 @@ def test_pull_refuses_a_hostile_manifest_and_fetches_nothing_else(library, base,
 def test_pull_checks_the_size_before_downloading(library, tmp_path, online, monkeypatch):
     fake = FakeHub()
     hostile_repo(fake, library, "big/lib")
-    fake.repos["big/lib"]["medic/images/huge.bin"] = b"\0" * 3_000_000
+    fake.repos["big/lib"]["medic/images/huge.png"] = b"\0" * 3_000_000  # a name a library may hold
     monkeypatch.setattr(hub, "MAX_PULL_BYTES", 2_000_000)
     with pytest.raises(ValueError, match="too large to load here"):
         hub.pull_library("big/lib", tmp_path / "dest", endpoint=fake.url)
@@ -80,6 +80,21 @@ def test_pull_moves_in_by_rename_and_keeps_what_is_not_the_library(library, base
     assert Library(dest).names == ["medic", "bolt"] and (dest / "mine.txt").read_text() == "a file of the user's"
     assert not (dest / "unrelated.txt").exists() and "me/lib/unrelated.txt" not in fake.served
     assert not list(tmp_path.glob(".pull-*")) and not list(dest.glob(".trash-*"))
+
+
+def test_pull_fetches_only_files_a_library_may_hold(library, tmp_path, online):
+    fake = FakeHub()
+    hostile_repo(fake, library, "me/lib")
+    stray = ["medic/payload.pkl", "medic/images/x.exe", "medic/deep/er/a.png", "medic/.hidden.png",
+             "medic/samples/a b.png", "forgetting/notes.txt", "bolt/lora.bin", "donut/tokens.safetensors"]
+    for path in stray:
+        fake.repos["me/lib"][path] = b"not a library file"
+    kept = ["medic/samples/0.png", "medic/learned_embeds.safetensors", "medic/context.png"]
+    assert all(p in fake.repos["me/lib"] for p in kept[:2])  # what learning writes now
+    fake.repos["me/lib"]["medic/context.png"] = b"a method's image"
+    hub.pull_library("me/lib", tmp_path / "dest", endpoint=fake.url)
+    assert not [p for p in stray if f"me/lib/{p}" in fake.served or (tmp_path / "dest" / p).exists()]
+    assert all((tmp_path / "dest" / p).is_file() for p in kept)
 
 
 def test_pull_and_push_never_pick_up_a_token_silently(library, tmp_path, online, monkeypatch):

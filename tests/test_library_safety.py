@@ -109,6 +109,22 @@ def test_gallery_files_stay_inside_the_library(copy, tmp_path):
     assert not any(p.name == "stolen.png" for p in images)
 
 
+def test_a_snapshot_holds_the_files_a_library_may_hold_and_no_stray_one(copy, tmp_path):
+    for stray in ("medic/notes.txt", "medic/images/x.exe", "medic/samples/deep/0.png", "medic/.cache.png",
+                  "forgetting/after-01/x.bin", "orphan.safetensors"):
+        (copy / stray).parent.mkdir(parents=True, exist_ok=True)
+        (copy / stray).write_bytes(b"stray")
+    lib = Library(copy)
+    files = lib.snapshot(tmp_path / "snap")
+    for name in ("medic", "bolt"):
+        for f in ("tokens.safetensors", "pytorch_lora_weights.safetensors", "learned_embeds.safetensors",
+                  "README.md", "images/0.png", "samples/0.png", "samples/1.png"):
+            assert f"{name}/{f}" in files, f
+    assert not [f for f in files if "stray" in (copy / f).read_text(errors="ignore")]
+    assert sorted(files) == sorted(str(p.relative_to(tmp_path / "snap")) for p in (tmp_path / "snap").rglob("*")
+                                   if p.is_file())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # hole 4: two writers lose nothing
 

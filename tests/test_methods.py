@@ -173,6 +173,7 @@ def test_the_forgetting_record_costs_a_fixed_budget_per_task_and_carries_the_oth
 
     studio = fresh(base, tmp_path / "lib", "cidm")
     studio.forgetting_budget = 2  # the new concept and the one measured longest ago
+    studio.card_samples = 0  # only the record generates here
     generated = []
     real_generate = studio.generate
     studio.generate = lambda prompt, **kw: generated.append(len(prompt)) or real_generate(prompt, **kw)

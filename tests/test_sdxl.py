@@ -83,3 +83,24 @@ def test_sdxl_lora_file_loads_in_a_plain_sdxl_pipeline(studio, sdxl):
     plain = make_tiny_sdxl_pipeline()
     plain.load_lora_weights(str(studio.library.concept_dir("medic")), adapter_name="medic")
     assert "medic" in plain.get_list_adapters()["unet"]
+
+
+def test_textual_inversion_file_loads_in_a_plain_sdxl_pipeline_as_the_card_says(studio):
+    from conftest import make_tiny_sdxl_pipeline
+    from safetensors.torch import load_file
+
+    plain = make_tiny_sdxl_pipeline()
+    folder = studio.library.concept_dir("medic")
+    assert 'load_textual_inversion(embeddings["clip_g"], token="<medic>"' in (folder / "README.md").read_text()
+    embeddings = load_file(str(folder / "learned_embeds.safetensors"))
+    plain.load_textual_inversion(embeddings["clip_l"], token="<medic>", text_encoder=plain.text_encoder,
+                                 tokenizer=plain.tokenizer)
+    plain.load_textual_inversion(embeddings["clip_g"], token="<medic>", text_encoder=plain.text_encoder_2,
+                                 tokenizer=plain.tokenizer_2)
+    mean = studio.tokens.rows("medic").view(2, studio.info.num_cross_attn_layers, 64).mean(1)  # (slots, D)
+    for tokenizer, encoder, columns in ((plain.tokenizer, plain.text_encoder, slice(0, 32)),
+                                        (plain.tokenizer_2, plain.text_encoder_2, slice(32, 64))):
+        ids = tokenizer.convert_tokens_to_ids(["<medic>", "<medic>_1"])  # one token per slot
+        assert torch.allclose(encoder.get_input_embeddings().weight[ids], mean[:, columns])
+    images = plain("a photo of a <medic>", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 64, 64, 3)

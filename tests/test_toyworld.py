@@ -222,26 +222,68 @@ def test_method_runs_made_apart_merge_into_the_same_table(tmp_path):
         merge_results([tmp_path / "a", tmp_path / "joint"], tmp_path / "bad")
 
 
-def test_a_short_learning_run_gives_a_concept_the_evaluator_identifies(tmp_path):
-    """A new concept of the world's family (procedural: never shipped, never tuned on), learned as `cidm learn`
-    does with the base's defaults but fewer steps, comes back as itself: the evaluator places its images nearest
-    its own references among every shipped object, far above chance, and far more often than the base's images of
-    its class word."""
-    from cidm.metrics import Evaluator, identity_confusion
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A new concept of the world's family (procedural: never shipped, never tuned on), learned as `cidm learn` does
+    with the base's defaults but fewer steps; its references beside every shipped object's, and the evaluator."""
+    from cidm.metrics import Evaluator
     from cidm.studio import Studio
 
     name = "random-object-1001"
     spec = C.spec(name)
-    studio = Studio(tmp_path / "lib", base_model=str(MODEL))
+    studio = Studio(tmp_path_factory.mktemp("lib"), base_model=str(MODEL))
     studio.record_forgetting = False
     refs = {n: [Image.fromarray(a) for a in C.reference_images(n)[0]] for n in (name, *C.OBJECTS)}
     studio.learn(name, refs[name], spec.class_word, spec.kind, steps=LEARN_STEPS)
+    return studio, spec, refs, Evaluator(studio.info.evaluator)
+
+
+def test_a_short_learning_run_gives_a_concept_the_evaluator_identifies(learned):
+    """The learned concept comes back as itself: the evaluator places its images nearest its own references among
+    every shipped object, far above chance, and far more often than the base's images of its class word."""
+    from cidm.metrics import identity_confusion
+
+    studio, spec, refs, evaluator = learned
+    name = spec.name
     prompts = list(spec.eval_prompts[:8])
-    learned = studio.generate(prompts, seed=0)
+    learned_images = studio.generate(prompts, seed=0)
     base = studio.generate([p.replace(f"<{name}>", spec.class_word) for p in prompts], seed=0)
-    evaluator = Evaluator(studio.info.evaluator)
-    confusion = identity_confusion(evaluator, {"learned": learned, "base": base}, refs)
+    confusion = identity_confusion(evaluator, {"learned": learned_images, "base": base}, refs)
     chance = 1 / len(refs)
     assert confusion["learned"][name] >= IDENTIFIED, confusion["learned"]
     assert confusion["learned"][name] >= confusion["base"][name] + 0.25, (confusion["learned"], confusion["base"])
     assert IDENTIFIED > 4 * chance
+
+
+def test_a_learned_concept_in_a_stock_diffusers_pipeline_is_identified(learned, monkeypatch):
+    """What the card promises: its snippet runs as written, and a stock `StableDiffusionPipeline` with the concept's
+    LoRA and textual-inversion file (no CIDM code) makes images the evaluator identifies as the concept, far above
+    chance and far more often than the same pipeline's images of the class word before it loads them."""
+    import re
+
+    from diffusers import StableDiffusionPipeline
+
+    from cidm.metrics import identity_confusion
+
+    studio, spec, refs, evaluator = learned
+    name, folder = spec.name, studio.library.concept_dir(spec.name)
+    snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    monkeypatch.chdir(folder.parent)  # the snippet's `folder` is the concept's folder, relative
+    scope = {}
+    exec(snippet.replace("num_inference_steps=25", "num_inference_steps=3"), scope)
+    assert scope["image"].size == (64, 64)
+
+    plain = StableDiffusionPipeline.from_pretrained(str(MODEL), safety_checker=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    prompts = list(spec.eval_prompts[:8])
+
+    def generate(prompts):
+        return plain(prompts, num_inference_steps=25, guidance_scale=5.0,
+                     generator=torch.Generator().manual_seed(0)).images
+
+    base = generate([p.replace(f"<{name}>", spec.class_word) for p in prompts])
+    plain.load_lora_weights(str(folder))
+    plain.load_textual_inversion(str(folder / "learned_embeds.safetensors"), token=f"<{name}>")
+    confusion = identity_confusion(evaluator, {"plain": generate(prompts), "base": base}, refs)
+    assert confusion["plain"][name] >= IDENTIFIED, confusion["plain"]
+    assert confusion["plain"][name] >= confusion["base"][name] + 0.25, (confusion["plain"], confusion["base"])
