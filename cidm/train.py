@@ -31,9 +31,9 @@ from .templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, check_kind, probe_prom
 __all__ = ["OBJECT_TEMPLATES", "STYLE_TEMPLATES", "TaskConfig", "TaskResult", "Task", "Batch", "learn_task",
            "preview_images"]
 
-# A preview is one image of 10 sampler steps: 0.46-0.6 s on the embedded world (CPU, one thread, a loaded machine)
-# against 0.09-0.17 s a learning step, i.e. 3-6 steps; one every 50 steps adds 6-12 % to learning, less as the
-# library grows (CIDM's steps get longer with every past task, a preview does not).
+# A preview is one image of 10 sampler steps: on the embedded world (CPU, one thread) 0.29-0.37 s against
+# 0.057-0.086 s a learning step (medians, tasks 1 and 2), i.e. 4.4-5.0 steps: one every 50 steps adds 9-10 % to
+# learning, less as the library grows (CIDM's steps get longer with every past task, a preview does not).
 PREVIEW_EVERY = 50
 PREVIEW_STEPS = 10  # DDIM: on the embedded world 10 steps draw what 25 draw
 
