@@ -9,14 +9,17 @@ queued or running. Messages never show server paths.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import json
 import math
 import os
 import re
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -28,10 +31,11 @@ from PIL import Image
 from cidm import models, sessions
 from cidm.bench.results import EXAMPLES, ia_curves, load_results, results_markdown
 from cidm.demo import DEMO_LIBRARY, start_from_demo
-from cidm.images import MAX_PIXELS
+from cidm.images import MAX_PIXELS, training_square
 from cidm.library import Library, LibraryError
 from cidm.sampling import SEED_MAX
 from cidm.studio import Studio
+from cidm.train import PREVIEW_EVERY
 
 ON_SPACE = bool(os.environ.get("SPACE_ID"))  # decides the layout (the login button); tokens check SPACE_ID per call
 SESSIONS = Path(tempfile.gettempdir()) / "cidm-sessions"
@@ -45,8 +49,10 @@ MAX_PHOTOS, MAX_STEPS, MAX_BOXES = 10, 1000, 8
 APP_DIR = Path(__file__).resolve().parent
 _JOBS = sessions.JobLimiter(MAX_JOBS)
 BENCH_RESULTS = Path(__file__).resolve().parent / "bench" / "results" / "methods" / "results.json"
+# small images (the toy world's 64 px) shown large with their pixels kept; captions of galleries of them wrap
 CSS = (".enlarge img { width: 100% !important; height: 100% !important; object-fit: contain; "
-       "image-rendering: pixelated; }")  # small outputs (the toy world's 64 px) shown large, pixels kept
+       "image-rendering: pixelated; } .pixels img { image-rendering: pixelated; } "
+       ".pixels .caption-label { white-space: normal; text-align: center; }")
 CANVAS = 512  # pixels of the Compose canvas at least (the toy world's 64-px images are too small to draw on)
 
 
@@ -167,16 +173,24 @@ def admit(n_inputs: int):
 
 
 def counted(fn):
-    """`fn` runs as a job of its session: from admitted (waiting) to running, for `admit`'s count."""
+    """`fn` runs as a job of its session: from admitted (waiting) to running, for `admit`'s count (a generator, as
+    long as it streams)."""
     signature = inspect.signature(fn)
+
+    def session(args, kwargs) -> str:
+        return session_id(signature.bind_partial(*args, **kwargs).arguments.get("request"))
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        request = signature.bind_partial(*args, **kwargs).arguments.get("request")
-        with _JOBS.running(session_id(request)):
+        with _JOBS.running(session(args, kwargs)):
             return fn(*args, **kwargs)
 
-    return run
+    @functools.wraps(fn)
+    def stream(*args, **kwargs):
+        with _JOBS.running(session(args, kwargs)):
+            yield from fn(*args, **kwargs)
+
+    return stream if inspect.isgeneratorfunction(fn) else run
 
 
 _DEMO: dict = {}  # the app's Blocks, for `admit` to read its queue
@@ -195,45 +209,177 @@ def concept_names(request: gr.Request | None) -> list[str]:
 # Learn
 
 
-@spaces.GPU(duration=300)
-@counted
-def learn(files, name, class_word, kind, steps, seed, replace, request: gr.Request = None,
-          progress=gr.Progress(track_tqdm=True)):
+THUMBNAIL = 128  # pixels of a photo's thumbnail: its centre square, as learning sees it
+STREAM_EVERY = 0.5  # seconds between two updates of the Learn tab while a concept trains
+SMOOTH = 20  # steps: the loss curve's running mean (each step's loss jumps with its random timestep)
+
+
+def photo_paths(files) -> list[str]:
+    """The uploaded photos' paths, or a gr.Error unless there are 3 to MAX_PHOTOS."""
     if not files:
         raise gr.Error("No photos: upload 3–10 photos of your concept.")
     if not isinstance(files, (list, tuple)) or not 3 <= len(files) <= MAX_PHOTOS:
         count = len(files) if isinstance(files, (list, tuple)) else 1
         raise gr.Error(f"{count} photos: upload between 3 and {MAX_PHOTOS} photos of your concept.")
+    return [f if isinstance(f, str) else f.name for f in files]
+
+
+def photo_thumbnails(files, request: gr.Request = None) -> list:
+    """The uploads as learning will see them (each one's centre square), read within the pixel budget. A file that
+    cannot be used is named in a warning (Learn refuses it in the same words); past MAX_PHOTOS, none is read."""
+    files = [] if not files else files if isinstance(files, (list, tuple)) else [files]
+    if len(files) > MAX_PHOTOS:
+        gr.Warning(f"{len(files)} photos: Learn takes 3 to {MAX_PHOTOS}; remove {len(files) - MAX_PHOTOS}.")
+    thumbnails = []
+    for f in files[:MAX_PHOTOS]:
+        try:
+            thumbnails.append(training_square(f if isinstance(f, str) else f.name, THUMBNAIL))
+        except USER_ERRORS as err:
+            gr.Warning(public(str(err), request))
+    return thumbnails
+
+
+@functools.cache
+def toy_examples() -> tuple[dict, ...]:
+    """The toy world's standard sequence as one-click examples: name, class word, kind and photos of each."""
+    if not (EXAMPLES / "concepts.json").exists():
+        return ()
+    spec = json.loads((EXAMPLES / "concepts.json").read_text())
+    return tuple({"name": n, "class_word": spec["concepts"][n]["class_word"], "kind": spec["concepts"][n]["kind"],
+                  "photos": [str(EXAMPLES / f) for f in spec["concepts"][n]["images"]]}
+                 for n in spec["standard_sequence"])
+
+
+def pick_example(evt: gr.SelectData):
+    """A click on an example concept fills the form: its photos, name, class word and kind."""
+    example = toy_examples()[evt.index]
+    return example["photos"], example["name"], example["class_word"], example["kind"]
+
+
+def duration(seconds: float) -> str:
+    """A time left as a person reads it: '45 s', '3 min 20 s'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(5 * round(seconds / 5), 60)
+    return f"{minutes} min" + (f" {seconds} s" if seconds else "")
+
+
+class LearnView:
+    """What the Learn tab shows while a concept trains. The training thread's callbacks write it (list appends, which
+    are atomic); the stream reads it."""
+
+    def __init__(self, steps: int, cancel: threading.Event, clock=time.monotonic):
+        self.steps, self.cancel, self.clock = steps, cancel, clock
+        self.losses: list[dict] = []  # {"step", "loss"} of each step
+        self.times: list[float] = []  # when each step ended
+        self.previews: list[tuple] = []  # (image, caption) of each preview
+
+    def step(self, step: int, terms: dict) -> None:
+        self.times.append(self.clock())
+        self.losses.append({"step": step, "loss": terms["diffusion"]})
+
+    def preview(self, step: int, images: list) -> None:
+        self.previews.append((images[0], f"step {step}"))
+
+    def seconds_left(self) -> float | None:
+        """The steps to go at the pace of the last PREVIEW_EVERY steps: it follows a machine that slows down or
+        speeds up, and once past the first preview it holds one preview, as every PREVIEW_EVERY steps ahead do."""
+        done, window = len(self.times), self.times[-PREVIEW_EVERY - 1:]
+        return None if done < 3 else (window[-1] - window[0]) / (len(window) - 1) * (self.steps - done)
+
+    def status(self) -> str:
+        if self.cancel.is_set():
+            return "Stopping after the current step…"
+        if not self.losses:
+            return "Reading your photos and preparing the model…"
+        step, loss = self.losses[-1]["step"], self.losses[-1]["loss"]
+        text = f"**Step {step} of {self.steps}** · loss {loss:.4f}"
+        if step == self.steps:
+            return text + " · saving the concept and drawing every concept again for the Forgetting tab…"
+        left = self.seconds_left()
+        return text + (" · measuring the time a step takes…" if left is None else f" · about {duration(left)} left")
+
+    def plot(self):
+        """Each step's loss, and its running mean over SMOOTH steps (the `curve` column tells them apart)."""
+        import pandas as pd
+
+        each = pd.DataFrame(self.losses or [{"step": 0, "loss": 0.0}])
+        mean = each.assign(loss=each["loss"].rolling(SMOOTH, min_periods=1).mean())
+        return pd.concat([each.assign(curve="each step"), mean.assign(curve=f"mean of {SMOOTH} steps")],
+                         ignore_index=True)
+
+    def shown(self, status: str | None = None) -> tuple:
+        return status or self.status(), self.plot(), list(self.previews)
+
+
+def in_background(work, cancel: threading.Event, every: float):
+    """Runs `work()` in a thread of its own: yields None every `every` seconds while it runs, then its result (its
+    error is raised here). A stream closed early (the visitor left) cancels the work and waits for its end, so the
+    model never serves two jobs at once."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = work()
+        except BaseException as err:  # noqa: BLE001  (raised again in the stream's thread)
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="cidm-learn", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(every)
+            yield None
+    finally:
+        if thread.is_alive():
+            cancel.set()
+            thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    yield outcome["result"]
+
+
+@spaces.GPU(duration=300)
+@counted
+def learn(files, name, class_word, kind, steps, seed, replace, request: gr.Request = None):
+    """Learns a concept, showing meanwhile the step, the loss curve, the time left and a preview of the concept
+    every PREVIEW_EVERY steps. The last update is the result: a message, the loss curve, samples."""
+    paths = photo_paths(files)
     name = (name or "").strip()  # the same name for learning and everything after it
     steps = whole_number(steps, "Training steps", 1, MAX_STEPS)
     seed = whole_number(seed, "Seed", 0, SEED_MAX)
     key = sessions.session_key(session_id(request))
     cancel = _CANCEL[key] = threading.Event()  # this session's own: another visitor's Stop cannot reach it
-    losses = []
-
-    def report(step, terms):
-        losses.append({"step": step, "loss": terms["diffusion"]})
-        progress(step / steps, desc=f"step {step}/{steps} · loss {terms['diffusion']:.4f}")
-
+    view, shown = LearnView(steps, cancel), None
     try:
         s = studio(request)
-        result = s.learn(name, [f if isinstance(f, str) else f.name for f in files], class_word or "", kind,
-                         replace=bool(replace), steps=steps, seed=seed, progress=report, cancel=cancel.is_set)
+        work = functools.partial(s.learn, name, paths, class_word or "", kind, replace=bool(replace), steps=steps,
+                                 seed=seed, progress=view.step, cancel=cancel.is_set, preview=view.preview)
+        with contextlib.closing(in_background(work, cancel, STREAM_EVERY)) as stream:  # closed early: cancelled
+            for result in stream:
+                if result is None and shown != (len(view.losses), len(view.previews), cancel.is_set()):
+                    shown = (len(view.losses), len(view.previews), cancel.is_set())
+                    yield view.shown()
     except USER_ERRORS as err:
         raise user_error(err, request) from err
     finally:
         if _CANCEL.get(key) is cancel:
             del _CANCEL[key]
-    import pandas as pd
-
-    plot = pd.DataFrame(losses or [{"step": 0, "loss": 0.0}])
     if result.cancelled:
-        return f"Stopped after {result.steps_done} steps; the library is unchanged.", plot, []
-    samples = [(im, s.probe_prompt(name)) for im in s.generate(s.probe_prompt(name), num_images=2)]
-    for old in [n for n in s.names if n != name][-2:]:  # a quick look at two earlier concepts
-        samples.append((s.generate(s.probe_prompt(old))[0], f"earlier: {s.probe_prompt(old)}"))
+        yield view.shown(f"Stopped after {result.steps_done} steps; the library is unchanged.")
+        return
     message = f"Learned `<{name}>` in {result.seconds:.0f} s. Write `<{name}>` in a prompt to use it."
-    return message, plot, samples
+    yield view.shown(message + " Drawing samples…")
+    yield message, view.plot(), learned_samples(s, name)
+
+
+def learned_samples(s: Studio, name: str) -> list[tuple]:
+    """Two images of the new concept, and one of each of the two concepts learned before it."""
+    samples = [(im, s.probe_prompt(name)) for im in s.generate(s.probe_prompt(name), num_images=2)]
+    for old in [n for n in s.names if n != name][-2:]:
+        samples.append((s.generate(s.probe_prompt(old))[0], f"earlier: {s.probe_prompt(old)}"))
+    return samples
 
 
 def stop(request: gr.Request = None):
@@ -245,9 +391,20 @@ def stop(request: gr.Request = None):
 
 
 def build_learn_tab():
+    examples = toy_examples()
+    if examples:  # the toy world's concepts, one click each
+        gr.Markdown("**No photos at hand?** Click a toy-world concept to fill the form with its photos.")
+        picker = gr.Gallery([(e["photos"][0], f"{e['name']} ({e['class_word']})") for e in examples],
+                            label="Toy-world concepts", show_label=False, columns=len(examples), height=140,
+                            allow_preview=False, interactive=False, buttons=[], elem_id="toy-examples",
+                            elem_classes="pixels")
     with gr.Row():
         with gr.Column():
-            files = gr.File(label="3–10 photos of your concept", file_count="multiple", file_types=["image"])
+            files = gr.File(label="3–10 photos of your concept", file_count="multiple", file_types=["image"],
+                            height=120)
+            photos = gr.Gallery(label="Your photos, as learning sees them (the centre square)", columns=5,
+                                height=160, allow_preview=False, interactive=False, buttons=[], elem_id="photos",
+                                elem_classes="pixels")
             name = gr.Textbox(label="Name (written <name> in prompts)", placeholder="my-dog")
             class_word = gr.Textbox(label="What is it? (class word)", placeholder="dog, mug, star, style…")
             kind = gr.Radio(["object", "style"], value="object", label="Kind")
@@ -258,19 +415,21 @@ def build_learn_tab():
                 train = gr.Button("Learn", variant="primary")
                 halt = gr.Button("Stop")
         with gr.Column():
-            status = gr.Markdown()
-            plot = gr.LinePlot(x="step", y="loss", label="Diffusion loss")
-            samples = gr.Gallery(label="The new concept, and two earlier ones", columns=4)
-    if (EXAMPLES / "concepts.json").exists():  # the toy world's concepts, one click each
-        import json
-
-        spec = json.loads((EXAMPLES / "concepts.json").read_text())
-        rows = [[[str(EXAMPLES / f) for f in c["images"]], n, c["class_word"], c["kind"]]
-                for n, c in spec["concepts"].items() if n in spec["standard_sequence"]]
-        gr.Examples(rows, [files, name, class_word, kind], label="Toy-world concepts (the standard sequence)")
+            status = gr.Markdown(f"Upload photos or click a toy-world concept above, then press **Learn**. While it "
+                                 f"learns, a preview of your concept comes every {PREVIEW_EVERY} steps; at the end, "
+                                 f"samples of it and of two earlier concepts.")
+            with gr.Row():
+                plot = gr.LinePlot(x="step", y="loss", color="curve", height=320, colors_in_legend=[],
+                                   label=f"Loss (orange: mean of {SMOOTH} steps)",
+                                   color_map={"each step": "#d1d5db", f"mean of {SMOOTH} steps": "#f97316"})
+                samples = gr.Gallery(label="Your concept as it learns", columns=2, height=320, object_fit="contain",
+                                     elem_id="learn-samples", elem_classes="pixels")
+    if examples:
+        picker.select(pick_example, None, [files, name, class_word, kind], api_visibility="private")
+    files.change(photo_thumbnails, files, photos, api_visibility="private", show_progress="hidden")
     train.click(learn, [files, name, class_word, kind, steps, seed, replace], [status, plot, samples],
-                api_name="learn", concurrency_id="gpu", validator=admit(7))
-    halt.click(stop, None, status, api_name="stop")
+                api_name="learn", concurrency_id="gpu", validator=admit(7), show_progress="minimal")
+    halt.click(stop, None, status, api_name="stop", show_progress="hidden")
 
 
 # ----------------------------------------------------------------------------------------------------------------

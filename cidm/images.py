@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - depends on how Pillow was built
     ImageCms = None
 
 __all__ = ["ImageInputError", "load_image", "load_images", "fit_square", "to_tensor", "Augment",
-           "prepare_training_images", "with_parameters", "save_png"]
+           "prepare_training_images", "training_square", "with_parameters", "save_png"]
 
 MIN_SIDE = 16
 # The most pixels (width × height) an upload may decode to. Checked from the file's header, before decoding: a larger
@@ -351,11 +351,17 @@ class Augment:
         return torch.stack(out).contiguous()
 
 
+def training_square(source, size: int, fallback_name: str = "uploaded image") -> Image.Image:
+    """One upload as learning sees it: read within the pixel budget (a JPEG no larger than it needs to be), its
+    centre square at size×size. The app shows uploads this way before learning."""
+    return fit_square(_load(source, fallback_name, reduce_to=size), size)
+
+
 def prepare_training_images(sources, size: int) -> torch.Tensor:
-    """Uploads -> (N, 3, size, size) float32 tensor in [-1, 1] (load_image, fit_square, to_tensor), one upload at a
-    time, so that at most one is held at full size (a JPEG is decoded no larger than it needs to be)."""
+    """Uploads -> (N, 3, size, size) float32 tensor in [-1, 1] (training_square, to_tensor), one upload at a time,
+    so that at most one is held at full size."""
     sources = _counted(sources, 1, 50)
-    return torch.stack([to_tensor(fit_square(_load(s, f"image {i + 1} of {len(sources)}", reduce_to=size), size))
+    return torch.stack([to_tensor(training_square(s, size, f"image {i + 1} of {len(sources)}"))
                         for i, s in enumerate(sources)])
 
 

@@ -23,7 +23,7 @@ from .regions import Region, compose, edit, pixel_box
 from .sampling import vae_scale
 from .templates import check_kind, probe_prompt
 from .tokens import ConceptTokens
-from .train import TaskConfig, TaskResult, data_parallel, learn_task
+from .train import PREVIEW_EVERY, TaskConfig, TaskResult, data_parallel, learn_task
 
 METHOD = "cidm"
 TASK_FIELDS = {f.name for f in dataclasses.fields(TaskConfig)} - {"name", "class_word", "kind"}
@@ -64,10 +64,13 @@ class Studio:
 
     def learn(self, name: str, sources, class_word: str, kind: str = "object", captions: list[str] | None = None,
               replace: bool = False, progress: Callable[[int, dict], None] | None = None,
-              cancel: Callable[[], bool] | None = None, **settings) -> TaskResult:
+              cancel: Callable[[], bool] | None = None, preview: Callable[[int, list], None] | None = None,
+              preview_every: int = PREVIEW_EVERY, **settings) -> TaskResult:
         """Learn a new concept from images (paths, PIL images, arrays…) and add it to the library atomically.
 
-        `settings`: TaskConfig fields, or parameters of the library's method (e.g. CIDM's gamma1) for this task."""
+        `progress(step, terms)` after each step, `cancel()` to stop, `preview(step, images)` every `preview_every`
+        steps (`train.learn_task`). `settings`: TaskConfig fields, or parameters of the library's method (e.g.
+        CIDM's gamma1) for this task."""
         self.library.check_new(name, replace)
         check_kind(kind)
         if not class_word or not class_word.strip():
@@ -89,7 +92,8 @@ class Studio:
             with self.library.staging() as stage:
                 try:
                     result = learn_task(self.pipe, self.tokens, config, self.method, pixels, dict(self.loras),
-                                        kinds, captions, progress=progress, cancel=cancel)
+                                        kinds, captions, progress=progress, cancel=cancel, preview=preview,
+                                        preview_every=preview_every)
                     if result.cancelled:
                         self._reload()
                         return result

@@ -16,8 +16,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def no_progress(*args, **kwargs):
-    return None
+def learned(app, *args):
+    """What the Learn tab shows at the end of a learning (its last update): message, loss curve, samples."""
+    return list(app.learn(*args))[-1]
 
 
 @pytest.fixture
@@ -62,22 +63,94 @@ def test_bad_input_is_a_clear_error_and_not_a_traceback(app):
     with pytest.raises(gr.Error, match="unknown concept <dog>"):
         app.generate("a <dog>", "", 1, 2, 5.0, 0)
     with pytest.raises(gr.Error, match="between 3 and 10 photos"):
-        app.learn(["a.png"], "x", "dog", "object", 5, 0, False, progress=no_progress)
+        learned(app, ["a.png"], "x", "dog", "object", 5, 0, False)
+
+
+def test_learning_streams_the_step_the_time_left_the_loss_and_previews_before_its_result(app, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(app, "STREAM_EVERY", 0.01)
+    updates = list(app.learn(photos(tmp_path, "medic"), "medic", "square", "object", 60, 0, False))
+    during = updates[:-2]  # the last two: learned (samples being drawn), then the samples
+    assert any("Step" in status and "left" in status for status, _, _ in during)
+    assert [len(plot) for _, plot, _ in during] == sorted(len(plot) for _, plot, _ in during)  # the curve grows
+    previews = [gallery for _, plot, gallery in during if gallery and plot["step"].max() < 60]
+    assert previews and previews[0][0][1] == "step 50" and previews[0][0][0].size == (64, 64)  # before the end
+    assert [caption for _, caption in updates[-2][2]] == ["step 50", "step 60"]
+    status, plot, samples = updates[-1]
+    assert "Learned `<medic>`" in status and len(samples) == 2
+    each, mean = (plot[plot["curve"] == c]["loss"].to_numpy() for c in ("each step", f"mean of {app.SMOOTH} steps"))
+    assert len(each) == len(mean) == 60 and mean[0] == each[0] and abs(mean[-1] - each[-app.SMOOTH:].mean()) < 1e-9
+
+
+def test_a_stream_closed_early_stops_its_learning_and_keeps_the_library(app, tmp_path):
+    import threading
+
+    stream = app.learn(photos(tmp_path, "medic"), "medic", "square", "object", 1000, 0, False)
+    next(stream)  # learning has begun in its own thread
+    assert [t for t in threading.enumerate() if t.name == "cidm-learn"]
+    stream.close()  # the visitor left: the learning is cancelled and waited for
+    assert not [t for t in threading.enumerate() if t.name == "cidm-learn"] and not app._CANCEL
+    assert "medic" not in app.studio(None).names
+
+
+def test_time_left_is_the_steps_to_go_at_the_pace_measured_so_far(app):
+    import threading
+
+    clock = iter([100.0, 100.5, 101.0, 101.5])
+    view = app.LearnView(100, threading.Event(), clock=lambda: next(clock))
+    view.step(1, {"diffusion": 0.25})
+    view.step(2, {"diffusion": 0.25})
+    assert view.seconds_left() is None and "measuring" in view.status()
+    view.step(3, {"diffusion": 0.25})
+    view.step(4, {"diffusion": 0.125})
+    assert view.seconds_left() == 48.0  # 0.5 s a step, 96 steps to go
+    assert view.status() == "**Step 4 of 100** · loss 0.1250 · about 48 s left"
+    assert [app.duration(s) for s in (0.4, 59, 61, 200, 3600)] == ["0 s", "59 s", "1 min", "3 min 20 s", "60 min"]
+    view.cancel.set()
+    assert view.status().startswith("Stopping")
+    slowed = app.LearnView(200, threading.Event(), clock=iter([0.1 * i for i in range(100)]
+                                                               + [10 + 1.0 * i for i in range(60)]).__next__)
+    for step in range(1, 161):
+        slowed.step(step, {"diffusion": 0.25})
+    assert slowed.seconds_left() == pytest.approx(40.0)  # the pace of the last 50 steps (1 s), not the mean
+
+
+def test_uploads_show_as_thumbnails_and_unusable_files_are_named(app, tmp_path):
+    from conftest import huge_png
+
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    uploads = photos(tmp_path, "medic", 3) + [str(text), str(huge_png(tmp_path / "huge.png"))]
+    with pytest.warns(UserWarning) as warned:
+        thumbnails = app.photo_thumbnails(uploads)
+    assert [t.size for t in thumbnails] == [(128, 128)] * 3
+    messages = " ".join(str(w.message) for w in warned)
+    assert "notes.png is not an image" in messages and "12000×12000 pixels" in messages
+    with pytest.warns(UserWarning, match="11 photos: Learn takes 3 to 10; remove 1"):
+        assert len(app.photo_thumbnails(photos(tmp_path, "bolt", 11))) == 10
+    assert app.photo_thumbnails(None) == []
+
+
+def test_a_toy_example_fills_the_form_with_its_photos(app):
+    from types import SimpleNamespace
+
+    files, name, class_word, kind = app.pick_example(SimpleNamespace(index=1))
+    assert (name, class_word, kind) == ("bolt", "triangle", "object")
+    assert len(files) == 5 and all(Path(f).is_file() for f in files)
+    assert [t.size for t in app.photo_thumbnails(files)] == [(128, 128)] * 5
 
 
 def test_learn_then_use_compose_forget_and_manage_the_library(app, tmp_path):
     import gradio as gr
 
-    status, plot, samples = app.learn(photos(tmp_path, "medic"), "medic", "square", "object", 4, 0, False,
-                                      progress=no_progress)
-    assert "Learned `<medic>`" in status and len(plot) == 4 and len(samples) == 2
-    status, _, samples = app.learn(photos(tmp_path, "bolt"), "bolt", "triangle", "object", 4, 0, False,
-                                   progress=no_progress)
+    status, plot, samples = learned(app, photos(tmp_path, "medic"), "medic", "square", "object", 4, 0, False)
+    assert "Learned `<medic>`" in status and list(plot["step"]) == [1, 2, 3, 4] * 2 and len(samples) == 2
+    status, _, samples = learned(app, photos(tmp_path, "bolt"), "bolt", "triangle", "object", 4, 0, False)
     assert len(samples) == 3  # two of the new concept, one earlier concept
     with pytest.raises(gr.Error, match="already exists"):
-        app.learn(photos(tmp_path, "bolt"), "bolt", "triangle", "object", 4, 0, False, progress=no_progress)
+        learned(app, photos(tmp_path, "bolt"), "bolt", "triangle", "object", 4, 0, False)
     with pytest.raises(gr.Error, match="not allowed"):
-        app.learn(photos(tmp_path, "bolt"), "../x", "triangle", "object", 4, 0, False, progress=no_progress)
+        learned(app, photos(tmp_path, "bolt"), "../x", "triangle", "object", 4, 0, False)
 
     image, (_, boxes) = app.compose({"boxes": [{"xmin": 0, "ymin": 0, "xmax": 32, "ymax": 32, "label": "medic"}]},
                                     "a photo on a beach", "", 2, 5.0, 0)
@@ -108,7 +181,7 @@ def test_learn_then_use_compose_forget_and_manage_the_library(app, tmp_path):
 def test_push_uses_the_given_token_and_uploads_the_library(app, tmp_path, monkeypatch):
     from cidm import hub
 
-    app.learn(photos(tmp_path, "medic"), "medic", "square", "object", 2, 0, False, progress=no_progress)
+    learned(app, photos(tmp_path, "medic"), "medic", "square", "object", 2, 0, False)
     calls = {}
 
     class FakeApi:

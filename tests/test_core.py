@@ -84,6 +84,43 @@ def test_learning_is_deterministic_for_a_seed(base, tmp_path):
     assert all(torch.equal(la.up[m], lb.up[m]) for m in la.up)
 
 
+def test_previews_while_learning_leave_the_learned_concept_bit_identical(base, tmp_path):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    plain, watched = fresh_studio(base, tmp_path / "plain"), fresh_studio(base, tmp_path / "watched")
+    for s in (plain, watched):  # an ancestral sampler: a preview then draws from the global RNG, as training does
+        s.pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(s.pipe.scheduler.config)
+        s.record_forgetting = False
+    state = torch.get_rng_state()
+    plain.generate("a photo of a red star", steps=2)
+    assert not torch.equal(state, torch.get_rng_state())  # not vacuous: unguarded, a preview would shift training
+    shown = []
+    learn(plain, "medic", steps=5, seed=3)
+    learn(watched, "medic", steps=5, seed=3, preview=lambda step, images: shown.append((step, images)),
+          preview_every=2)
+    assert [step for step, _ in shown] == [2, 4, 5] and shown[0][1][0].size == (64, 64)  # every 2 and the last
+    assert torch.equal(plain.tokens.rows("medic"), watched.tokens.rows("medic"))
+    a, b = plain.loras["medic"], watched.loras["medic"]
+    assert all(torch.equal(a.up[m], b.up[m]) and torch.equal(a.down[m], b.down[m]) for m in a.up)
+    assert watched.pipe.unet.training is False and not getattr(watched.pipe.unet, "peft_config", None)
+
+
+def test_the_last_preview_draws_the_concept_as_learned(base, tmp_path):
+    from cidm.train import PREVIEW_STEPS
+
+    studio = fresh_studio(base, tmp_path / "lib")
+    studio.record_forgetting = False
+    shown = []
+    learn(studio, "medic", steps=3, lr_lora=0.05, preview=lambda step, images: shown.append(images[0]))
+    prompt = studio.probe_prompt("medic")
+    learned = np.asarray(studio.generate(prompt, steps=PREVIEW_STEPS, merge="last")[0], dtype=np.float32)
+    tokens_only = np.asarray(studio.generate(prompt, steps=PREVIEW_STEPS, merge="none")[0], dtype=np.float32)
+    assert np.abs(learned - tokens_only).mean() > 1  # the LoRA shows in the image
+    assert np.abs(np.asarray(shown[-1], dtype=np.float32) - learned).max() <= 2  # live adapter vs merged weights
+    with pytest.raises(ValueError, match="preview_every"):
+        learn(studio, "bolt", steps=1, preview=print, preview_every=0)
+
+
 def test_library_files_and_manifest(studio):
     lib = studio.library
     assert lib.names == ["medic", "bolt", "pixelart"]

@@ -38,8 +38,8 @@ def served(tiny_model_dir, tmp_path, monkeypatch):
     app_module._ACTIVE.clear()
     demo = app_module.build_app()
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
-                css=app_module.CSS)
+    app_module.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                      show_error=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -59,6 +59,7 @@ def test_browser_learns_generates_and_composes(served, tmp_path):
         page.goto(served)
         page.get_by_role("tab", name="Learn a concept").click()
         page.locator("input[type=file]").first.set_input_files(photos)
+        page.locator("#photos img").nth(2).wait_for(timeout=30_000)  # the three uploads, as thumbnails
         page.get_by_label("Name (written <name> in prompts)").fill(NAME)
         page.get_by_label("What is it? (class word)").fill("square")
         page.locator("input[type=number][aria-label^='number input for Training steps']").fill("10")
@@ -103,4 +104,36 @@ def test_browser_learns_generates_and_composes(served, tmp_path):
         page.screenshot(path=str(shots / "library.png"), full_page=True)
         browser.close()
     for name in ("learn", "generate", "compose", "forgetting", "library"):
+        assert (shots / f"{name}.png").stat().st_size > 10_000, name
+
+
+def test_browser_learns_a_toy_example_with_a_live_preview(served, tmp_path):
+    """One click fills the form with a toy-world concept's photos; while it learns, the status counts steps and the
+    time left, and a preview of the concept appears before learning ends."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    shots = Path(os.environ.get("CIDM_SCREENSHOTS", tmp_path / "shots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    steps = os.environ.get("CIDM_E2E_STEPS", "120")  # the tiny model learns 120 steps in a few seconds
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(served)
+        page.get_by_role("tab", name="Learn a concept").click()
+        page.get_by_text("medic (square)", exact=True).click()
+        page.locator("#photos img").nth(4).wait_for(timeout=30_000)  # its five photos, as thumbnails
+        assert page.get_by_label("Name (written <name> in prompts)").input_value() == "medic"
+        assert page.get_by_label("What is it? (class word)").input_value() == "square"
+        page.locator("input[type=number][aria-label^='number input for Training steps']").fill(steps)
+        page.get_by_role("button", name="Learn", exact=True).click()
+        page.get_by_text(re.compile(r"Step \d+ of \d+ · loss [\d.]+ · about .* left")).wait_for(timeout=120_000)
+        page.screenshot(path=str(shots / "learning.png"), full_page=True)
+        page.get_by_text("step 50", exact=True).wait_for(timeout=120_000)
+        assert "Learned <medic>" not in page.inner_text("body")  # the preview came before learning ended
+        page.screenshot(path=str(shots / "learning-preview.png"), full_page=True)
+        page.get_by_text("Learned", exact=False).first.wait_for(timeout=300_000)
+        page.get_by_text("a photo of a <medic>", exact=True).first.wait_for(timeout=120_000)  # the samples
+        page.screenshot(path=str(shots / "learned.png"), full_page=True)
+        browser.close()
+    for name in ("learning", "learning-preview", "learned"):
         assert (shots / f"{name}.png").stat().st_size > 10_000, name
