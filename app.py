@@ -30,7 +30,7 @@ from PIL import Image
 
 from cidm import models, sessions
 from cidm.bench.results import EXAMPLES, ia_curves, load_results, results_markdown
-from cidm.demo import DEMO_LIBRARY, start_from_demo
+from cidm.demo import DEMO_LIBRARY, demo_fits, start_from_demo
 from cidm.images import MAX_PIXELS, training_square
 from cidm.library import Library, LibraryError
 from cidm.sampling import SEED_MAX
@@ -782,7 +782,9 @@ def build_library_tab():
 
 def welcome(request: gr.Request = None):
     """The first-visit choice, shown while the visitor's library is empty and a demo library is shipped."""
-    return gr.update(visible=not concept_names(request) and (DEMO_LIBRARY / "library.json").is_file())
+    info = base()[1]
+    return gr.update(visible=not concept_names(request) and demo_fits(info.source, info.num_cross_attn_layers,
+                                                                         DEMO_LIBRARY))
 
 
 def demo_canvas(names: list[str], kinds: dict[str, str]):

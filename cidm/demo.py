@@ -33,6 +33,18 @@ def build_demo_library(out, base_model: str | None = None, concepts: Path = EXAM
     return Path(out)
 
 
+def demo_fits(source: str, n_layers: int, demo=DEMO_LIBRARY) -> bool:
+    """Whether a demo library is shipped and was learned on this base model (the embedded world's, for the one
+    shipped): a Space on Stable Diffusion does not offer concepts its base cannot use."""
+    if not (Path(demo) / "library.json").is_file():
+        return False
+    try:
+        Library(demo, read_only=True).check_base(source, n_layers)
+    except LibraryError:
+        return False
+    return True
+
+
 def start_from_demo(dest, demo=DEMO_LIBRARY) -> list[str]:
     """Copy the demo library into the empty library `dest` (the visitor's own copy: the shipped one is never
     written) and return its concepts."""
