@@ -429,10 +429,6 @@ class Library:
             found.append({"after_task": task, "regenerated": regenerated, "ia": ia, "ta": ta})
         return sorted(found, key=lambda d: d["after_task"])
 
-    def forgetting(self, metric: str = "ia") -> dict:
-        """{after_task: {concept: score}} as measured after each task (only the concepts re-generated then)."""
-        return {d["after_task"]: d.get(metric, {}) for d in self._forgetting_scores()}
-
     def forgetting_record(self, metric: str = "ia") -> tuple[dict, dict]:
         """The record with every cell filled: ({after_task: {concept: score}}, {after_task: {concept: the task
         after which that score was measured}}). A concept not re-generated after a task carries its last score."""

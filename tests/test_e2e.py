@@ -44,6 +44,14 @@ def served(tiny_model_dir, tmp_path, monkeypatch):
     demo.close()
 
 
+def open_page(p, url: str):
+    """Chromium (Debian's) on `url`: (browser, page)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    return browser, page
+
+
 def start_empty(page) -> None:
     """A first visit with an empty library is offered the demo library; these tests start empty."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -66,9 +74,7 @@ def test_browser_learns_generates_and_composes(served, tmp_path):
         Image.fromarray(img).resize((256, 256), Image.NEAREST).save(photos[-1])
 
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(served)
+        browser, page = open_page(p, served)
         start_empty(page)
         page.get_by_role("tab", name="Learn a concept").click()
         page.locator("input[type=file]").first.set_input_files(photos)
@@ -129,9 +135,7 @@ def test_browser_learns_a_toy_example_with_a_live_preview(served, tmp_path):
     steps = os.environ.get("CIDM_E2E_STEPS", "120")  # the tiny model learns 120 steps in a few seconds
 
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(served)
+        browser, page = open_page(p, served)
         start_empty(page)
         page.get_by_role("tab", name="Learn a concept").click()
         page.get_by_text("medic (square)", exact=True).click()

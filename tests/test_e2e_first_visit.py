@@ -11,7 +11,7 @@ import pytest
 
 from cidm.demo import DEMO_LIBRARY
 from cidm.models import EMBEDDED_MODEL
-from test_e2e import CHROMIUM, free_port
+from test_e2e import CHROMIUM, free_port, open_page
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine: apt-get install chromium")
 
@@ -42,10 +42,8 @@ def test_first_visit_starts_from_the_demo_library_composes_and_shows_the_forgett
     before = sorted(p.name for p in DEMO_LIBRARY.rglob("*"))
 
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
         t0 = time.perf_counter()
-        page.goto(served)
+        browser, page = open_page(p, served)
         start = page.get_by_role("button", name="Start from the demo library (10 concepts)")
         start.wait_for(timeout=30_000)
         page.screenshot(path=str(shots / "first-visit.png"))
