@@ -172,11 +172,14 @@ def load_base(model: str | None = None, device: str | None = None, dtype: torch.
 
 
 def load_evaluator(evaluator: str, device: str | None = None):
-    """The CLIP model and tokenizer used for IA / TA (a local folder or a Hub id)."""
-    from transformers import CLIPModel, CLIPTokenizer
+    """The CLIP-style model and tokenizer used for IA / TA (a local folder or a Hub id): OpenAI's `CLIPModel`, or
+    the toy world's dual encoder (a `VisionTextDualEncoderModel` with a CNN image tower)."""
+    from transformers import AutoModel, CLIPTokenizer
+
+    from .toyworld import evaluator as _registers_the_toy_image_tower  # noqa: F401
 
     try:
-        clip = CLIPModel.from_pretrained(evaluator).eval().requires_grad_(False)
+        clip = AutoModel.from_pretrained(evaluator).eval().requires_grad_(False)
         tokenizer = CLIPTokenizer.from_pretrained(evaluator)
     except OSError as err:
         raise BaseModelError(f"could not load the evaluator {evaluator!r}: {err}. Put a CLIP model folder beside the "

@@ -213,15 +213,18 @@ def test_r2_factored_form_equals_the_dense_formula():
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
 
 
+MIXED_SHAPES = {"q1": (6, 5), "q2": (6, 5), "k1": (6, 9), "o1": (4, 6)}  # modules of three shapes, two alike
+
+
+def random_lora(shapes: dict, g: torch.Generator, rank: int = 2) -> LoRAWeights:
+    return LoRAWeights({m: torch.randn(a, rank, generator=g) for m, (a, b) in shapes.items()},
+                       {m: torch.randn(rank, b, generator=g) for m, (a, b) in shapes.items()}, 0.5)
+
+
 def test_r2_over_modules_of_several_shapes_equals_the_dense_sum():
     g = torch.Generator().manual_seed(0)
-    shapes = {"q1": (6, 5), "q2": (6, 5), "k1": (6, 9), "o1": (4, 6)}
-
-    def task():
-        return LoRAWeights({m: torch.randn(a, 2, generator=g) for m, (a, b) in shapes.items()},
-                           {m: torch.randn(2, b, generator=g) for m, (a, b) in shapes.items()}, 0.5)
-
-    first, second = task(), task()
+    shapes = MIXED_SHAPES
+    first, second = random_lora(shapes, g), random_lora(shapes, g)
     shared = TaskSharedKnowledge(rank=3)
     shared.initialise("a", first, generator=g)
     shared.add_task("b")
@@ -234,13 +237,8 @@ def test_r2_over_modules_of_several_shapes_equals_the_dense_sum():
 
 def test_r1_and_r2_batched_over_modules_and_tasks_equal_their_per_pair_formulas():
     g = torch.Generator().manual_seed(1)
-    shapes = {"q1": (6, 5), "q2": (6, 5), "k1": (6, 9), "o1": (4, 6)}
-
-    def task():
-        return LoRAWeights({m: torch.randn(a, 2, generator=g) for m, (a, b) in shapes.items()},
-                           {m: torch.randn(2, b, generator=g) for m, (a, b) in shapes.items()}, 0.5)
-
-    current, past = task(), [task() for _ in range(3)]
+    shapes = MIXED_SHAPES
+    current, past = random_lora(shapes, g), [random_lora(shapes, g) for _ in range(3)]
     r1 = sum((old.up[m] @ current.up[m].T).abs().sum() for old in past for m in shapes)
     assert orthogonal_subspace_loss(current, past).item() == pytest.approx(r1.item(), rel=1e-5)
     r1_mean = torch.stack([(old.up[m].T @ current.up[m]).abs().mean() for old in past for m in shapes]).mean()

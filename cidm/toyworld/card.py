@@ -19,14 +19,11 @@ from .train import LATENT_CHANNELS, save_grid
 def measure(model_dir: Path, n_eval: int = 1000, n_prompts: int = 200) -> dict:
     """Evaluator zero-shot accuracy, generator prompt-following, and speed on this machine."""
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPModel, CLIPTokenizer
 
-    from ..models import find_evaluator
+    from ..models import find_evaluator, load_evaluator
 
     model_dir = Path(model_dir)
-    evaluator = find_evaluator(str(model_dir))
-    clip = CLIPModel.from_pretrained(evaluator).eval()
-    tok = CLIPTokenizer.from_pretrained(evaluator)
+    clip, tok = load_evaluator(find_evaluator(str(model_dir)), "cpu")
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     report = {"evaluator_zero_shot": quality.evaluator_accuracy(clip, tok, n=n_eval)}
@@ -61,7 +58,8 @@ tags: [text-to-image, diffusers, cidm, toy-world]
 
 A complete text-to-image model, trained from scratch on a 2-core CPU, with no downloads: tokenizer, VAE, text encoder,
 UNet and a CLIP evaluator. CIDM Studio runs on it through the same code path as Stable Diffusion:
-`StableDiffusionPipeline.from_pretrained(this folder)` and `CLIPModel.from_pretrained(this folder/evaluator)`.
+`StableDiffusionPipeline.from_pretrained(this folder)` and, after `import cidm.toyworld.evaluator` (which registers
+its image tower), `AutoModel.from_pretrained(this folder/evaluator)`.
 
 ## The world
 64×64 procedural images (`cidm/toyworld/world.py`). A *glyph* is an outer shape (circle, square, triangle, star,
@@ -82,9 +80,12 @@ near what the model knows, as learning *your* dog is for Stable Diffusion.
 ## Parts
 - **Tokenizer:** a `CLIPTokenizer` whose BPE gives one token per world word, built deterministically.
 - **VAE:** `AutoencoderKL`, 64×64×3 → {latent_channels}×16×16, {vae_psnr} dB PSNR on 256 held-out images.
-- **Evaluator:** `CLIPModel` (ViT, patch 8 on 64 px; text width 128), trained with a multi-positive contrastive loss
-  over captions naming random subsets of the attributes, groups of four images that differ in one attribute only
-  (hard negatives), and cross-entropy of each image against the zero-shot prompts of its attributes.
+- **Evaluator:** a CLIP-style `VisionTextDualEncoderModel`: a small CNN image tower (`GlyphCNNModel`: 3×3
+  convolutions with batch norm at 64, 32, 16 and 8 px, max- and mean-pooled) and a CLIP text tower (width 128),
+  trained with a multi-positive contrastive loss over captions naming random subsets of the attributes, groups of
+  four images that differ in one attribute only (hard negatives), and cross-entropy of each image against the
+  zero-shot prompts of its attributes. The first version's ViT (patch 8) never read the outer shape (38 %); its
+  text tower was continued here and the image tower trained anew ({evaluator_steps} steps).
 - **Text encoder:** the evaluator's text tower (SD's is CLIP's too), trained on with the UNet.
 - **UNet:** `UNet2DConditionModel`, {unet_params:.2f} M parameters, channels {unet_channels}, cross-attention at 8×8
   and 4×4 ({n_layers} layers), epsilon objective, Min-SNR-5, 10 % empty captions. The shipped checkpoint is the one
@@ -139,7 +140,7 @@ def write_card(model_dir: Path, report: dict, core: dict | None = None, core_pat
         identity = IDENTITY.format(overall=core["identity"]["overall"], core=core_path,
                                    per_concept=", ".join(f"`<{n}>` {v:.0%}" for n, v in per.items()))
     text = CARD.format(vae_psnr=info["vae"]["psnr_db"], unet_weights=info["unet"]["best"]["weights"],
-                       unet_step=info["unet"]["best"]["step"], n_eval=1000, n_prompts=200,
+                       unet_step=info["unet"]["best"]["step"], evaluator_steps=info["evaluator"]["steps"], n_eval=1000, n_prompts=200,
                        ev=" | ".join(f"{ev[c]:.1%}" for c in cols), gen=" | ".join(f"{gen[c]:.1%}" for c in cols),
                        speed=report["seconds_8_images_25_steps"], size=report["model_folder_mb"],
                        training="; ".join(stages), unet_params=n_params / 1e6, identity=identity,

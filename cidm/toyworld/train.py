@@ -25,6 +25,7 @@ from . import world as W
 
 MAX_TOKENS = 32  # text length; room for several concept tokens in a regional prompt
 CONTEXT_CLASSES = list(W.CONTEXTS) + [f"bg:{c}" for c in W.COLOURS]
+IMAGE_TOWER = "glyph-cnn"  # the evaluator's image tower (`evaluator.GlyphCNNModel`); another one is trained anew
 
 
 @dataclasses.dataclass
@@ -40,9 +41,10 @@ class ToyTrainConfig:
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6  # KL weight; small, as SD's VAE
     # evaluator (CLIP), whose text tower also starts the diffusion model's text encoder (as in SD)
-    clip_steps: int = 4000  # a later run asking for more continues the evaluator (the UNet keeps its start)
+    clip_steps: int = 1500  # a later run asking for more continues the evaluator (the UNet keeps its start)
     clip_batch: int = 128
-    clip_lr: float = 5e-4
+    clip_lr: float = 5e-4  # text tower
+    clip_image_lr: float = 2e-3  # image tower (GlyphCNN) and both projections
     clip_hard_share: float = 0.75  # share of each batch in groups of 4 that differ in one attribute (hard negatives)
     # latent cache
     n_latents: int = 60_000
@@ -131,33 +133,11 @@ def make_vae():
                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
 
 
-def make_clip(tokenizer, patch_size: int = 8, hidden: int = 192):
-    from transformers import CLIPConfig, CLIPModel
-
-    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+def evaluator_text_config(tokenizer) -> dict:
+    """The evaluator's text tower (CLIPTextConfig's arguments); the diffusion model's text encoder starts from it."""
+    return dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                 num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(image_size=64, patch_size=patch_size, num_channels=3, hidden_size=hidden, intermediate_size=2 * hidden,
-                  num_hidden_layers=4, num_attention_heads=4)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=128))
-    init_position_embeddings(clip.vision_model.embeddings)
-    return clip
-
-
-def init_position_embeddings(embeddings) -> None:
-    """2-D sine-cosine position embeddings (as MAE's), still trainable: with random ones a ViT trained from scratch
-    must first discover the patch grid's layout, and the shape of a glyph stayed at chance for a thousand steps."""
-    side = embeddings.image_size // embeddings.patch_size
-    dim = embeddings.embed_dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(dim, dtype=torch.float32) / dim)
-    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                          indexing="ij")
-    angles = [c.reshape(-1, 1) * omega for c in (y, x)]  # (side², dim) each
-    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)  # (side², 4·dim)
-    with torch.no_grad():
-        weight = embeddings.position_embedding.weight
-        weight.zero_()
-        weight[1:, :table.shape[1]] = table  # row 0 is the class token's
 
 
 def make_unet():
@@ -391,55 +371,62 @@ def attribute_labels(scenes: list[W.Scene]) -> dict[str, tuple[torch.Tensor, tor
     return out
 
 
-def patch_targets(scenes: list[W.Scene], patch: int) -> torch.Tensor:
-    """The glyph masks cut into the ViT's patches: (B, patches, 2·patch²), row-major like its tokens."""
-    masks = torch.from_numpy(np.stack([W.glyph_masks(s) for s in scenes]))  # (B, 2, 64, 64)
-    b, c, h, w = masks.shape
-    cells = masks.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return cells.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+def train_evaluator(cfg: ToyTrainConfig, out: Path, tokenizer, t_start: float, previous: Path | None = None):
+    """The evaluator: a multi-positive contrastive loss over captions that name random subsets of the attributes,
+    with hard-negative groups; and, per attribute, cross-entropy of the image against the zero-shot prompts of every
+    class ("a photo of a thing with a cross", …), which trains exactly the classifiers that the measurements use (a
+    contrastive batch alone rarely holds the confusable classes side by side). `previous`: an evaluator folder
+    whose text tower (and temperature) this one continues; its image tower is trained anew."""
+    from .evaluator import make_evaluator
 
-
-def train_clip(cfg: ToyTrainConfig, out: Path, tokenizer, t_start: float):
-    """The evaluator, from scratch: a multi-positive contrastive loss over captions that name random subsets of the
-    attributes, with hard-negative groups; and, per attribute, cross-entropy of the image against the zero-shot
-    prompts of every class ("a photo of a thing with a cross", …), which trains exactly the classifiers that the
-    measurements use (a contrastive batch alone rarely holds the confusable classes side by side)."""
-    clip = make_clip(tokenizer).train()
+    evaluator = make_evaluator(evaluator_text_config(tokenizer)).train()
+    if previous is not None and not (out / "state" / "evaluator.pt").exists():
+        continue_text_tower(evaluator, previous)
+    text = [*evaluator.text_model.parameters()]
+    image = [*evaluator.vision_model.parameters(), *evaluator.visual_projection.parameters(),
+             *evaluator.text_projection.parameters(), evaluator.logit_scale]
+    opt = torch.optim.AdamW([{"params": image}, {"params": text}], lr=cfg.clip_image_lr, weight_decay=0.05)
+    stage = Stage(cfg, out, "evaluator", {"evaluator": evaluator}, opt, cfg.clip_steps, t_start)
     prompts = {a: tokenize(tokenizer, list(p.values())) for a, p in quality.zero_shot_prompts().items()}
-    patch = clip.config.vision_config.patch_size
-    mask_head = torch.nn.Linear(clip.config.vision_config.hidden_size, 2 * patch * patch)  # discarded after training
-    opt = torch.optim.AdamW([*clip.parameters(), *mask_head.parameters()], lr=cfg.clip_lr, weight_decay=0.05)
-    stage = Stage(cfg, out, "evaluator", {"clip": clip, "mask_head": mask_head}, opt, cfg.clip_steps, t_start)
     rng = np.random.default_rng(cfg.seed + 2 + 1000 * stage.step)
     while stage.running():
-        stage.set_lr([cosine_lr(stage.step, cfg.clip_lr, 100, cfg.clip_steps, 0.02)])
+        stage.set_lr([cosine_lr(stage.step, lr, 100, cfg.clip_steps, 0.02) for lr in (cfg.clip_image_lr, cfg.clip_lr)])
         scenes = contrast_batch(rng, cfg.clip_batch, cfg.clip_hard_share)
         caps = [evaluator_caption(s, rng) for s in scenes]
         # multi-positive targets: caption j is true of image i when every attribute it names matches
         match = torch.tensor([[caption_matches(named, s) for _, named in caps] for s in scenes], dtype=torch.float32)
-        result = clip(input_ids=tokenize(tokenizer, [c for c, _ in caps]),
-                      pixel_values=quality.to_pixel_values(np.stack([W.render(s) for s in scenes])))
+        result = evaluator(input_ids=tokenize(tokenizer, [c for c, _ in caps]),
+                           pixel_values=quality.to_pixel_values(np.stack([W.render(s) for s in scenes])))
         logits = result.logits_per_image  # (B images, B texts)
         loss = 0.5 * (torch.sum(-F.log_softmax(logits, 1) * match / match.sum(1, keepdim=True), 1).mean()
                       + torch.sum(-F.log_softmax(logits.T, 1) * match.T / match.T.sum(1, keepdim=True), 1).mean())
-        # dense supervision: each patch token draws its patch of the outer-shape and inner-part masks. A single
-        # label per image taught a ViT from scratch colour and context only; shape stayed at chance for 1,000 steps
-        tokens = result.vision_model_output.last_hidden_state[:, 1:]  # (B, patches, hidden)
-        loss = loss + F.binary_cross_entropy_with_logits(mask_head(tokens), patch_targets(scenes, patch))
-        scale = clip.logit_scale.exp()
+        scale = evaluator.logit_scale.exp()
         for attr, (labels, mask) in attribute_labels(scenes).items():
-            classes = F.normalize(clip.get_text_features(input_ids=prompts[attr]).pooler_output, dim=-1)
+            classes = F.normalize(evaluator.get_text_features(input_ids=prompts[attr]).pooler_output, dim=-1)
             loss = loss + F.cross_entropy(scale * result.image_embeds[mask] @ classes.T, labels[mask])
         stage.update(loss)
-        if stage.step % 200 == 0:
-            clip.eval()
-            acc = quality.evaluator_accuracy(clip, tokenizer, n=300, seed=quality.HELD_OUT_SEED + 500)
-            clip.train()
+        if stage.step % 100 == 0:
+            evaluator.eval()
+            acc = quality.evaluator_accuracy(evaluator, tokenizer, n=300, seed=quality.HELD_OUT_SEED + 500)
+            evaluator.train()
             log(out, stage="evaluator", step=stage.step, loss=round(loss.item(), 4), acc300=acc)
-    clip.eval()
-    report = {"steps": stage.step, "zero_shot_accuracy_1000": quality.evaluator_accuracy(clip, tokenizer, n=1000)}
+    evaluator.eval()
+    report = {"steps": stage.step, "image_tower": IMAGE_TOWER,
+              "zero_shot_accuracy_1000": quality.evaluator_accuracy(evaluator, tokenizer, n=1000)}
     log(out, stage="evaluator", done=True, **report)
-    return clip, report
+    return evaluator, report
+
+
+def continue_text_tower(evaluator, previous: Path) -> None:
+    """Start the text tower, its projection and the temperature from an earlier evaluator (a CLIPModel or a dual
+    encoder); e.g. the first version's, whose ViT image tower never learned the outer shape."""
+    from ..models import load_evaluator
+
+    old, _ = load_evaluator(str(previous), "cpu")
+    evaluator.text_model.load_state_dict(old.text_model.state_dict())
+    evaluator.text_projection.load_state_dict(old.text_projection.state_dict())
+    with torch.no_grad():
+        evaluator.logit_scale.copy_(old.logit_scale)
 
 
 def evaluator_image_processor():
@@ -451,7 +438,7 @@ def evaluator_image_processor():
 
 
 def text_encoder_from_clip(clip):
-    """The evaluator's text tower as a CLIPTextModel (SD's text encoder is CLIP's text tower too)."""
+    """The evaluator's text tower as a CLIPTextModel (SD's text encoder is a CLIP text tower too)."""
     from transformers import CLIPTextModel
 
     te = CLIPTextModel(clip.config.text_config)
@@ -628,7 +615,9 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
 def train_all(cfg: ToyTrainConfig) -> Path:
     """Run (or continue) every stage; returns the diffusers model folder."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..models import load_evaluator
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -649,15 +638,17 @@ def train_all(cfg: ToyTrainConfig) -> Path:
             info = update_info(model_dir, vae=report)
         vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval().requires_grad_(False)
 
-        if info.get("evaluator", {}).get("steps", -1) < cfg.clip_steps:  # not trained, or more steps asked for
-            clip, report = train_clip(cfg, out, tokenizer, t_start)
+        trained = info.get("evaluator", {})
+        if trained.get("image_tower") != IMAGE_TOWER or trained.get("steps", -1) < cfg.clip_steps:
+            previous = model_dir / "evaluator" if (model_dir / "evaluator").exists() else None
+            clip, report = train_evaluator(cfg, out, tokenizer, t_start, previous)
             clip.save_pretrained(model_dir / "evaluator")
             tokenizer.save_pretrained(model_dir / "evaluator")
             evaluator_image_processor().save_pretrained(model_dir / "evaluator")
             if not (out / "state" / "unet.pt").exists():  # the text encoder starts from the evaluator once
                 text_encoder_from_clip(clip).save_pretrained(out / "cache" / "text_encoder_init")
             info = update_info(model_dir, evaluator=report)
-        clip = CLIPModel.from_pretrained(model_dir / "evaluator").eval()
+        clip, _ = load_evaluator(str(model_dir / "evaluator"), "cpu")
         text_encoder = CLIPTextModel.from_pretrained(out / "cache" / "text_encoder_init")
 
         _, ddim = make_schedulers()
