@@ -84,8 +84,8 @@ near what the model knows, as learning *your* dog is for Stable Diffusion.
   convolutions with batch norm at 64, 32, 16 and 8 px, max- and mean-pooled) and a CLIP text tower (width 128),
   trained with a multi-positive contrastive loss over captions naming random subsets of the attributes, groups of
   four images that differ in one attribute only (hard negatives), and cross-entropy of each image against the
-  zero-shot prompts of its attributes. The first version's ViT (patch 8) never read the outer shape (38 %); its
-  text tower was continued here and the image tower trained anew ({evaluator_steps} steps).
+  zero-shot prompts of its attributes ({evaluator_steps} steps). The first version's image tower, a ViT with 8-px
+  patches, never read the outer shape (38 %); the shipped evaluator continued its text tower.
 - **Text encoder:** the evaluator's text tower (SD's is CLIP's too), trained on with the UNet.
 - **UNet:** `UNet2DConditionModel`, {unet_params:.2f} M parameters, channels {unet_channels}, cross-attention at 8×8
   and 4×4 ({n_layers} layers), epsilon objective, Min-SNR-5, 10 % empty captions. The shipped checkpoint is the one
@@ -100,7 +100,7 @@ near what the model knows, as learning *your* dog is for Stable Diffusion.
 
 Generator targets: outer shape ≥ 85 %, colour ≥ 90 %, inner part ≥ 75 %, inner colour ≥ 75 %, context ≥ 90 %.
 Inner colour counts only prompts with an inner part. The generator's figures are read by this evaluator, so they are
-limited by what it reads: an outer shape it misreads in real images is misread in generated ones too.
+limited by what it reads: an attribute it misreads in real images is misread in generated ones too.
 
 Speed on this machine (2 CPU cores): 8 images at 25 steps in {speed} s. Folder size: {size} MB.
 {identity}
@@ -140,7 +140,8 @@ def write_card(model_dir: Path, report: dict, core: dict | None = None, core_pat
         identity = IDENTITY.format(overall=core["identity"]["overall"], core=core_path,
                                    per_concept=", ".join(f"`<{n}>` {v:.0%}" for n, v in per.items()))
     text = CARD.format(vae_psnr=info["vae"]["psnr_db"], unet_weights=info["unet"]["best"]["weights"],
-                       unet_step=info["unet"]["best"]["step"], evaluator_steps=info["evaluator"]["steps"], n_eval=1000, n_prompts=200,
+                       unet_step=info["unet"]["best"]["step"], evaluator_steps=info["evaluator"]["steps"],
+                       n_eval=1000, n_prompts=200,
                        ev=" | ".join(f"{ev[c]:.1%}" for c in cols), gen=" | ".join(f"{gen[c]:.1%}" for c in cols),
                        speed=report["seconds_8_images_25_steps"], size=report["model_folder_mb"],
                        training="; ".join(stages), unet_params=n_params / 1e6, identity=identity,
