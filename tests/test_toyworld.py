@@ -306,3 +306,28 @@ def test_a_learned_concept_in_a_stock_diffusers_pipeline_is_identified(learned, 
     confusion = identity_confusion(evaluator, {"plain": generate(prompts), "base": base}, refs)
     assert confusion["plain"][name] >= IDENTIFIED, confusion["plain"]
     assert confusion["plain"][name] >= confusion["base"][name] + 0.25, (confusion["plain"], confusion["base"])
+
+
+def test_the_toy_world_trains_from_scratch_into_a_folder_the_studio_loads(tmp_path):
+    """`python -m cidm toyworld train` in miniature (a few steps a stage): every stage runs, in order, and leaves a
+    diffusers folder with its evaluator that `load_base` and `load_evaluator` read; run again, it has nothing to do."""
+    from transformers import VisionTextDualEncoderModel
+
+    from cidm.toyworld.train import ToyTrainConfig, train_all
+
+    cfg = ToyTrainConfig(out=str(tmp_path), vae_steps=2, vae_batch=4, clip_steps=2, clip_batch=16, n_latents=64,
+                         unet_steps=2, unet_batch=4, eval_every=2, eval_prompts=8, ema_start=0)
+    folder = train_all(cfg)
+    info = json.loads((folder / "training.json").read_text())
+    assert info["evaluator"]["steps"] == 2 and info["evaluator"]["image_tower"] == "glyph-cnn"
+    assert info["unet"]["steps"] == 2 and (folder / "model_index.json").is_file()
+    pipe, base = models.load_base(str(folder), "cpu")
+    assert base.evaluator == str((folder / "evaluator").resolve())
+    evaluator, _ = models.load_evaluator(base.evaluator, "cpu")
+    assert isinstance(evaluator, VisionTextDualEncoderModel)
+    image = pipe("a photo of a red star", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    log_lines = (tmp_path / "train_log.jsonl").read_text().count("\n")
+    train_all(cfg)  # every stage done: the second run only reloads
+    assert '"resumed_at"' in (tmp_path / "train_log.jsonl").read_text().splitlines()[-1]
+    assert (tmp_path / "train_log.jsonl").read_text().count("\n") == log_lines + 1
