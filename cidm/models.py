@@ -181,9 +181,12 @@ def load_evaluator(evaluator: str, device: str | None = None):
     try:
         clip = AutoModel.from_pretrained(evaluator).eval().requires_grad_(False)
         tokenizer = CLIPTokenizer.from_pretrained(evaluator)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a config transformers does not know
         raise BaseModelError(f"could not load the evaluator {evaluator!r}: {err}. Put a CLIP model folder beside the "
                              f"base model and name it in {EVALUATOR_POINTER}.") from err
+    if not all(hasattr(clip, f) for f in ("get_image_features", "get_text_features", "logit_scale")):
+        raise BaseModelError(f"the evaluator {evaluator!r} loads as {type(clip).__name__}, which has no image and text "
+                             f"embeddings; IA and TA need a CLIP-style model (e.g. openai/clip-vit-base-patch32).")
     return clip.to(device or default_device()), tokenizer
 
 

@@ -73,6 +73,22 @@ def test_toy_evaluator_is_a_dual_encoder_that_saves_and_loads_through_auto_class
     assert loaded.get_text_features(input_ids=ids).pooler_output.shape == (1, 128)
 
 
+def test_an_evaluator_folder_that_is_not_clip_style_gets_a_clear_error(tmp_path):
+    import shutil
+
+    not_clip = tmp_path / "text-only"  # a model transformers loads, but with no image embeddings
+    shutil.copytree(MODEL / "text_encoder", not_clip)
+    for f in (MODEL / "tokenizer").iterdir():
+        shutil.copy(f, not_clip)
+    with pytest.raises(models.BaseModelError, match="no image and text embeddings"):
+        models.load_evaluator(str(not_clip), "cpu")
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(models.BaseModelError, match="could not load the evaluator"):
+        models.load_evaluator(str(unknown), "cpu")
+
+
 def test_evaluator_reads_world_images(evaluator):
     acc = quality.evaluator_accuracy(*evaluator, n=96, seed=quality.HELD_OUT_SEED + 77)
     # chance: 1/6 shape, 1/12 colours, 1/9 inner part, 1/12 inner colour, 1/18 context. On 1,000 images the shipped
@@ -317,6 +333,9 @@ def test_the_toy_world_trains_from_scratch_into_a_folder_the_studio_loads(tmp_pa
 
     cfg = ToyTrainConfig(out=str(tmp_path), vae_steps=2, vae_batch=4, clip_steps=2, clip_batch=16, n_latents=64,
                          unet_steps=2, unet_batch=4, eval_every=2, eval_prompts=8, ema_start=0)
+    (tmp_path / "state").mkdir()  # a run dir from the first version: its ViT evaluator's state is not resumed
+    old_state = {"modules": {"clip": {}, "mask_head": {}}, "optimizer": {}, "step": 2900}
+    torch.save(old_state, tmp_path / "state" / "evaluator.pt")
     folder = train_all(cfg)
     info = json.loads((folder / "training.json").read_text())
     assert info["evaluator"]["steps"] == 2 and info["evaluator"]["image_tower"] == "glyph-cnn"

@@ -380,13 +380,14 @@ def train_evaluator(cfg: ToyTrainConfig, out: Path, tokenizer, t_start: float, p
     from .evaluator import make_evaluator
 
     evaluator = make_evaluator(evaluator_text_config(tokenizer)).train()
-    if previous is not None and not (out / "state" / "evaluator.pt").exists():
-        continue_text_tower(evaluator, previous)
     text = [*evaluator.text_model.parameters()]
-    image = [*evaluator.vision_model.parameters(), *evaluator.visual_projection.parameters(),
-             *evaluator.text_projection.parameters(), evaluator.logit_scale]
-    opt = torch.optim.AdamW([{"params": image}, {"params": text}], lr=cfg.clip_image_lr, weight_decay=0.05)
-    stage = Stage(cfg, out, "evaluator", {"evaluator": evaluator}, opt, cfg.clip_steps, t_start)
+    image_and_heads = [*evaluator.vision_model.parameters(), *evaluator.visual_projection.parameters(),
+                       *evaluator.text_projection.parameters(), evaluator.logit_scale]
+    opt = torch.optim.AdamW([{"params": image_and_heads}, {"params": text}], lr=cfg.clip_image_lr, weight_decay=0.05)
+    # the state is named after the image tower: a run dir holding another tower's state starts this one afresh
+    stage = Stage(cfg, out, f"evaluator-{IMAGE_TOWER}", {"evaluator": evaluator}, opt, cfg.clip_steps, t_start)
+    if previous is not None and stage.step == 0:
+        continue_text_tower(evaluator, previous)
     prompts = {a: tokenize(tokenizer, list(p.values())) for a, p in quality.zero_shot_prompts().items()}
     rng = np.random.default_rng(cfg.seed + 2 + 1000 * stage.step)
     while stage.running():
