@@ -59,6 +59,14 @@ def cmd_toyworld_train(args) -> int:
     return 0
 
 
+def cmd_toyworld_tuning_set(args) -> int:
+    from .toyworld.concepts import write_tuning_set
+
+    names = write_tuning_set(Path(args.out), objects=args.objects, styles=args.styles, seed=args.seed)
+    print(f"tuning sequence of {len(names)} concepts in {args.out}: {', '.join(names)}")
+    return 0
+
+
 def cmd_learn(args) -> int:
     from .studio import Studio
 
@@ -95,8 +103,9 @@ def cmd_generate(args) -> int:
     from .studio import Studio
 
     studio = Studio(args.library, base_model=args.base_model)
+    psi = {} if args.psi is None else {"psi": args.psi}  # by default the library's method decides, as in the app
     images = studio.generate(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                             num_images=args.num_images, seed=args.seed, psi=args.psi)
+                             num_images=args.num_images, seed=args.seed, **psi)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -134,7 +143,10 @@ def cmd_compose(args) -> int:
 
 
 def parse_setting(value: str):
-    """A TaskConfig value from the command line: a number if it reads as one (1e-3, 10), else the text (mean)."""
+    """A setting's value from the command line: true / false, a number if it reads as one (1e-3, 10), else the
+    text (mean)."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     try:
         return float(value)
     except ValueError:
@@ -165,13 +177,20 @@ def cmd_bench(args) -> int:
         methods = [m.strip() for m in (args.methods or weighted).split(",") if m.strip()]
         extra: dict[str, list[dict]] = {}
         for item in args.also_try:
-            method, _, setting = item.partition(":")
-            key, _, value = setting.partition("=")
-            if not (method and key and value):
-                raise ValueError(f"--also-try takes METHOD:SETTING=VALUE, e.g. cidm:lr_lora=1e-3; got {item!r}")
-            extra.setdefault(method, []).append({key: parse_setting(value)})
+            method, _, settings = item.partition(":")
+            pairs = [setting.partition("=") for setting in settings.split(",")]
+            if not method or not all(key and value for key, _, value in pairs):
+                raise ValueError(f"--also-try takes METHOD:SETTING=VALUE[,SETTING=VALUE…], e.g. cidm:lr_lora=1e-3 "
+                                 f"or cidm:r1_form=subspace,gamma1=0.01; got {item!r}")
+            extra.setdefault(method, []).append({key.strip(): parse_setting(value.strip()) for key, _, value in pairs})
             methods += [] if method in methods else [method]
-        run_tuning(Path(args.out), methods, base_model=args.base, concepts=concepts, steps=args.steps,
+        grid = None
+        if args.grid:
+            try:
+                grid = tuple(float(v) for v in args.grid.split(","))
+            except ValueError:
+                raise ValueError(f"--grid takes comma-separated numbers, e.g. 0.1,1; got {args.grid!r}") from None
+        run_tuning(Path(args.out), methods, base_model=args.base, concepts=concepts, grid=grid, steps=args.steps,
                    prompts=args.prompts, images=args.images, seed=args.seed, extra=extra)
         return 0
     if not args.core:
@@ -235,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--psi", choices=("paper", "code"), default="paper", help="EWA weighting (Eq. 3)")
+    p.add_argument("--psi", choices=("paper", "code", "sharp"),
+                   help="EWA weighting (Eq. 3); default: the library's method's (CIDM: sharp, see README)")
     p.add_argument("--base-model")
     p.set_defaults(func=cmd_generate)
 
@@ -259,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compose", action="store_true", help="concept neglect in boxes and the cost of regions")
     p.add_argument("--tune", action="store_true", help="choose the methods' weights (λ) on the tuning sequence")
     p.add_argument("--also-try", action="append", default=[], metavar="METHOD:SETTING=VALUE",
-                   help="--tune: one more setting to try on the tuning sequence, e.g. cidm:lr_lora=1e-3")
+                   help="--tune: one more trial on the tuning sequence, one or more settings, e.g. "
+                        "cidm:lr_lora=1e-3 or cidm:r1_form=subspace,gamma1=0.01")
+    p.add_argument("--grid", help="--tune: the weight values to try for every method, comma-separated (default: "
+                   "each method's own grid)")
     p.add_argument("--library", help="--compose: a library to use (default: OUT/library from a --core run)")
     p.add_argument("--layouts", type=int, default=50, help="--compose: random layouts per number of boxes")
     p.add_argument("--concepts", help="a concept set in the examples/concepts format (default: the toy world's)")
@@ -296,8 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "the end)")
     p.add_argument("--vae-steps", type=int, help="default 4000")
     p.add_argument("--evaluator-steps", type=int, help="default 4000")
-    p.add_argument("--unet-steps", type=int, help="default 16000")
+    p.add_argument("--unet-steps", type=int, help="default 12000")
     p.set_defaults(func=cmd_toyworld_train)
+    p = tw.add_parser("tuning-set", help="write a longer tuning sequence (the shipped tuning concepts and new "
+                      "procedural ones) for `cidm bench --tune --concepts OUT`")
+    p.add_argument("--out", required=True, help="a folder for the concept set")
+    p.add_argument("--objects", type=int, default=4, help="new procedural objects")
+    p.add_argument("--styles", type=int, default=1, help="new procedural styles")
+    p.add_argument("--seed", type=int, default=3000, help="the first procedural concept's seed")
+    p.set_defaults(func=cmd_toyworld_tuning_set)
     return parser
 
 

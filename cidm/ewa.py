@@ -11,6 +11,8 @@ import torch
 
 from .lora import LoRAWeights
 
+PSI = ("paper", "code", "sharp")  # EWA's weightings ψ(M), see elastic_weights
+
 
 def elastic_weights(c_hat: torch.Tensor, e_hat, psi: str = "paper") -> torch.Tensor:
     # Eq. 3: M = max_rows(ĉ^l ê^lᵀ), weights ψ(M)
@@ -20,19 +22,21 @@ def elastic_weights(c_hat: torch.Tensor, e_hat, psi: str = "paper") -> torch.Ten
     (T, L, D), or per task its slots (S_t, L, D). A slot's similarity is its best cosine among the prompt tokens; a
     task's M is its slots' average, so a prompt that names a concept scores it exactly 1 (averaging the slots' rows
     first let a look-alike concept outscore it). Returns ψ (L, T). psi="paper": M²/‖M²‖₂; psi="code": 0.8·M⁴/ΣM⁴
-    (official code). Similarities are cosines (as in the official code); negative ones count as 0.
+    (official code); psi="sharp": M⁸/‖M⁸‖₂, the paper's form at a higher power (DEVIATION option, see README): a
+    named concept still scores 1 and two named ones 0.71 each, but a look-alike at M = 0.6 keeps 0.02 instead of
+    0.36. Similarities are cosines (as in the official code); negative ones count as 0.
     """
     c = torch.nn.functional.normalize(c_hat.float(), dim=-1)  # (L, N, D)
     tasks = [e[None] if e.dim() == 2 else e for e in e_hat]  # per task (S, L, D)
     M = torch.stack([torch.einsum("lnd,sld->lns", c, torch.nn.functional.normalize(e.float(), dim=-1))
                      .amax(dim=1).mean(dim=-1) for e in tasks], dim=-1).clamp(min=0)  # (L, T)
-    if psi == "paper":
-        m2 = M ** 2
-        return m2 / m2.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    if psi in ("paper", "sharp"):
+        mp = M ** (2 if psi == "paper" else 8)
+        return mp / mp.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     if psi == "code":
         m4 = M ** 4
         return 0.8 * m4 / m4.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-    raise ValueError(f"psi must be 'paper' or 'code', got {psi!r}")
+    raise ValueError(f"psi must be one of {', '.join(PSI)}, got {psi!r}")
 
 
 def prompt_token_embeddings(tokens, prompt: str, space: str = "token") -> torch.Tensor:

@@ -23,7 +23,7 @@ class GenerateConfig:
     guidance: float = 5.0  # classifier-free guidance s
     num_images: int = 1
     seed: int = 0
-    psi: str = "paper"  # EWA ψ: "paper" M²/‖M²‖ | "code" 0.8·M⁴/ΣM⁴
+    psi: str = "paper"  # EWA ψ: "paper" M²/‖M²‖ | "code" 0.8·M⁴/ΣM⁴ | "sharp" M⁸/‖M⁸‖
     ewa_space: str = "token"  # similarities between token embeddings ("token") or text-encoder outputs ("encoded")
     # how the task LoRAs meet at inference: "ewa" (Eq. 3); "mean" 1/T each (LoRA-Merge, cidm-no-ewa);
     # "sum" 1 each (C-LoRA's merged deltas); "last" the latest only (Finetuning); "composite" one UNet pass per

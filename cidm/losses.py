@@ -110,10 +110,33 @@ class TaskSharedKnowledge(nn.Module):
             Q[group] = nn.Parameter(self.U[group].detach().clone())
         self.P[name], self.Q[name] = P, Q
 
-    def add_task(self, name: str) -> None:
-        """H_g starts at 0 (P_g = 0, Q_g = U): at first R2 only asks the new ΔW_g to be small."""
-        self.P[name] = nn.ParameterDict({g: nn.Parameter(torch.zeros_like(U)) for g, U in self.U.items()})
+    def add_task(self, name: str, start: str = "zero") -> None:
+        """start="zero": H_g starts at 0 (P_g = 0, Q_g = U), so at first R2 only asks the new ΔW_g to be small.
+        start="mean": H_g W_* starts at the earlier tasks' mean H_i W_* (the task-shared knowledge, see
+        `shared_delta`); Q_g = U and P_g = mean_i(P_i Q_iᵀU) (UᵀU)⁺, so P_g Q_gᵀU is that mean exactly."""
+        if start not in ("zero", "mean"):
+            raise ValueError(f"H_g starts at 'zero' or 'mean', got {start!r}")
+        past = self.tasks
+        P = {}
+        for g, U in self.U.items():
+            U = U.detach()
+            if start == "mean" and past:
+                mean_pm = torch.stack([self.P[t][g].detach() @ (self.Q[t][g].detach().mT @ U) for t in past]).mean(0)
+                P[g] = mean_pm @ torch.linalg.pinv(U.mT @ U)
+            else:
+                P[g] = torch.zeros_like(U)
+        self.P[name] = nn.ParameterDict({g: nn.Parameter(p) for g, p in P.items()})
         self.Q[name] = nn.ParameterDict({g: nn.Parameter(U.detach().clone()) for g, U in self.U.items()})
+
+    @torch.no_grad()
+    def shared_delta(self, name: str) -> dict[str, torch.Tensor]:
+        """H_i W_* for task `name`, as a dense (a × b) matrix per module."""
+        out = {}
+        for group, modules in self.groups.items():
+            P, Q, U, V = self.P[name][group], self.Q[name][group], self.U[group], self.V[group]
+            for module, d in zip(modules, P @ (Q.mT @ U) @ V.mT):
+                out[module] = d
+        return out
 
     def remove_task(self, name: str) -> None:
         del self.P[name]
@@ -174,13 +197,6 @@ class TaskSharedKnowledge(nn.Module):
             shared.P[task] = nn.ParameterDict({g: stack(f"P.{task}", ms) for g, ms in shared.groups.items()})
             shared.Q[task] = nn.ParameterDict({g: stack(f"Q.{task}", ms) for g, ms in shared.groups.items()})
         return shared
-
-    def dense_h_w(self, name: str, module: str) -> torch.Tensor:
-        """H_i W_* as a dense (a × b) matrix, for tests and inspection."""
-        group = next(g for g, ms in self.groups.items() if module in ms)
-        i = self.groups[group].index(module)
-        P, Q, U, V = (t[group][i] for t in (self.P[name], self.Q[name], self.U, self.V))
-        return P @ (Q.T @ U) @ V.T
 
 
 def _key(module: str) -> str:

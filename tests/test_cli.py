@@ -43,6 +43,14 @@ def test_bench_tune_rejects_a_malformed_setting_to_try(tmp_path):
               "lora-m:not_a_setting=1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "unknown setting(s) not_a_setting" in out.stderr and not (tmp_path / "u" / "lora-m_not_a_setting=1").exists()
+    out = run("bench", "--tune", "--out", str(tmp_path / "v"), "--also-try", "cidm:r1_form=subspace,gamma1")
+    assert out.returncode == 2 and "--also-try takes METHOD:SETTING=VALUE" in out.stderr
+    out = run("bench", "--tune", "--out", str(tmp_path / "w"), "--methods", "cidm", "--also-try",
+              "cidm:psi=sharpest,gamma1=0.1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "psi must be one of paper, code, sharp" in out.stderr and not list(tmp_path.glob("w/cidm_*"))
+    out = run("bench", "--tune", "--out", str(tmp_path / "x"), "--grid", "0.1,ten")
+    assert out.returncode == 2 and "--grid takes comma-separated numbers" in out.stderr
 
 
 def test_learn_generate_and_compose_from_the_command_line(tiny_model_dir, tmp_path):

@@ -209,8 +209,38 @@ def test_r2_factored_form_equals_the_dense_formula():
     with torch.no_grad():
         for p in shared.P["b"].values():
             p.normal_(generator=g)
-    dense = ((second.delta("m") - shared.dense_h_w("b", "m")) ** 2).sum()
+    dense = ((second.delta("m") - shared.shared_delta("b")["m"]) ** 2).sum()
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+def test_a_task_started_from_the_shared_knowledge_begins_at_the_mean_past_h_w():
+    from cidm.methods.cidm import start_lora_at
+
+    g = torch.Generator().manual_seed(3)
+    shapes = MIXED_SHAPES
+    past = [random_lora(shapes, g) for _ in range(2)]
+    shared = TaskSharedKnowledge(rank=3)
+    shared.initialise("a", past[0], generator=g)
+    shared.add_task("b")
+    with torch.no_grad():
+        for p in [*shared.P["b"].values(), *shared.U.values()]:  # W_* moved on since task a: U no longer orthonormal
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    shared.add_task("c", start="mean")
+    mean = {m: (shared.shared_delta("a")[m] + shared.shared_delta("b")[m]) / 2 for m in shapes}
+    for m in shapes:
+        assert torch.allclose(shared.shared_delta("c")[m], mean[m], atol=1e-4)
+    new = random_lora(shapes, g)  # rank 2 < the target's rank 3: the best rank-2 approximation
+    start_lora_at(new, mean)
+    for m in shapes:
+        u, s, vh = torch.linalg.svd(mean[m])
+        assert torch.allclose(new.delta(m), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-4)
+    zero = random_lora(shapes, g)
+    before = {m: w.clone() for m, w in zero.down.items()}
+    start_lora_at(zero, {m: torch.zeros(a, b) for m, (a, b) in shapes.items()})
+    for m in shapes:  # nothing to start from: a fresh LoRA (A = 0, B kept), which can still learn
+        assert zero.delta(m).abs().max() == 0 and torch.equal(zero.down[m], before[m])
+    with pytest.raises(ValueError, match="'zero' or 'mean'"):
+        shared.add_task("d", start="average")
 
 
 MIXED_SHAPES = {"q1": (6, 5), "q2": (6, 5), "k1": (6, 9), "o1": (4, 6)}  # modules of three shapes, two alike
@@ -231,7 +261,7 @@ def test_r2_over_modules_of_several_shapes_equals_the_dense_sum():
     with torch.no_grad():
         for p in shared.P["b"].values():
             p.normal_(generator=g)
-    dense = sum(((second.delta(m) - shared.dense_h_w("b", m)) ** 2).sum() for m in shapes)
+    dense = sum(((second.delta(m) - shared.shared_delta("b")[m]) ** 2).sum() for m in shapes)
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
 
 
@@ -253,7 +283,7 @@ def test_r1_and_r2_batched_over_modules_and_tasks_equal_their_per_pair_formulas(
                 p.normal_(generator=g)
     loras = dict(zip("abc", past))
     one_by_one = sum(shared.task_shared_loss(n, loras[n]) for n in "abc")
-    dense = sum(((loras[n].delta(m) - shared.dense_h_w(n, m)) ** 2).sum() for n in "abc" for m in shapes)
+    dense = sum(((loras[n].delta(m) - shared.shared_delta(n)[m]) ** 2).sum() for n in "abc" for m in shapes)
     assert shared.task_shared_loss_sum(loras).item() == pytest.approx(one_by_one.item(), rel=1e-5)
     assert shared.task_shared_loss_sum(loras).item() == pytest.approx(dense.item(), rel=1e-5)
 
@@ -282,6 +312,11 @@ def test_ewa_weights_follow_the_paper_and_the_code():
     code = elastic_weights(c_hat, e_hat, "code")[0]
     torch.testing.assert_close(code, 0.8 * M ** 4 / (M ** 4).sum())
     assert code.sum().item() == pytest.approx(0.8)
+    sharp = elastic_weights(c_hat, e_hat, "sharp")[0]
+    torch.testing.assert_close(sharp, M ** 8 / (M ** 8).norm())
+    assert sharp[1] < 0.2 < paper[1]  # a look-alike at 0.8 keeps much less of its LoRA
+    with pytest.raises(ValueError, match="psi must be one of paper, code, sharp"):
+        elastic_weights(c_hat, e_hat, "softmax")
 
 
 def test_ewa_scores_each_slot_by_its_best_prompt_token_so_a_named_concept_scores_one():

@@ -187,15 +187,41 @@ def test_tuning_tries_each_methods_own_grid_and_text_settings(tmp_path, monkeypa
 
     def fake_sequence(out, methods, spec, order, protocol, evaluator, base_model=None, overrides=None, label=None):
         tried.append((label, overrides))
-        score = {n: {t: 10.0 * overrides.get("gamma1", 0.5) for t in range(1, len(order) + 1)} for n in order}
+        score = {n: {t: 10.0 * overrides.get("gamma1", 0.005) for t in range(1, len(order) + 1)} for n in order}
         return {methods[0]: {"ia": score, "ta": score}}
 
     monkeypatch.setattr(bench, "run_sequence", fake_sequence)
-    report = bench.run_tuning(tmp_path, ["cidm"], extra={"cidm": [{"r1_reduction": "mean"}]})
-    assert [o for _, o in tried] == [{"gamma1": 0.001}, {"gamma1": 0.01}, {"gamma1": 0.1}, {"r1_reduction": "mean"}]
-    assert tried[-1][0] == "cidm_r1_reduction=mean"
-    assert report["chosen"] == {"cidm": {"gamma1": 0.1}}  # the extra trial is reported, never chosen
-    assert "r1_reduction=mean" in (tmp_path / "results.md").read_text()
+    both = {"r1_form": "subspace", "gamma1": 0.2}
+    report = bench.run_tuning(tmp_path, ["cidm"], extra={"cidm": [{"r1_reduction": "mean"}, both]})
+    assert [o for _, o in tried] == [{"gamma1": 0.001}, {"gamma1": 0.01}, {"gamma1": 0.1}, {"r1_reduction": "mean"},
+                                     both]
+    assert tried[3][0] == "cidm_r1_reduction=mean"
+    assert report["chosen"] == {"cidm": both}  # the best trial, every setting of it, even an extra one
+    text = (tmp_path / "results.md").read_text()
+    assert "r1_reduction=mean" in text and "| cidm | r1_form=subspace, gamma1=0.2 | 2.0 |" in text
+
+
+def test_a_trial_may_set_how_every_method_generates_and_the_library_learns_with_shared_start(tmp_path, monkeypatch):
+    from cidm.bench import methods as bench
+    from cidm.bench.results import load_concept_set, make_protocol
+
+    asked = []
+    real = bench.generate_set
+
+    def recording(studio, prompts, n_images, steps, guidance, seed=0, **settings):
+        asked.append(settings)
+        return real(studio, prompts, n_images, steps, guidance, seed, **settings)
+
+    monkeypatch.setattr(bench, "generate_set", recording)
+    spec = load_concept_set(EXAMPLES)
+    order = spec["tuning_sequence"][:2]
+    protocol = make_protocol(order, 2, 1, 1, 0, 2, 5.0)
+    runs = bench.run_sequence(tmp_path, ["cidm"], spec, order, protocol, None,
+                              overrides={"psi": "sharp", "lora_start": "shared", "gamma1": 0.01})
+    assert [a["psi"] for a in asked] == ["sharp"] * 3 and all(a["merge"] == "ewa" for a in asked)
+    assert runs["cidm"]["settings"]["psi"] == "sharp" and runs["cidm"]["settings"]["lora_start"] == "shared"
+    library = json.loads((tmp_path / "cidm" / "library" / "library.json").read_text())
+    assert "shared" in json.dumps(library)  # the second task learned with the start it was given
 
 
 def test_quick_benchmark_writes_finite_tables_and_plots(tmp_path):
@@ -350,3 +376,25 @@ def test_the_toy_world_trains_from_scratch_into_a_folder_the_studio_loads(tmp_pa
     train_all(cfg)  # every stage done: the second run only reloads
     assert '"resumed_at"' in (tmp_path / "train_log.jsonl").read_text().splitlines()[-1]
     assert (tmp_path / "train_log.jsonl").read_text().count("\n") == log_lines + 1
+
+
+def test_cidms_default_learns_a_lora_for_every_task_where_the_printed_r1_holds_the_second_at_zero(tmp_path):
+    """On the shipped base, R1 as printed (Σ|A_i A_gᵀ|) keeps the second task's LoRA at ~0, so CIDM would learn with
+    its tokens alone; the chosen settings (subspace R1, a start from R2's shared knowledge) learn a real one."""
+    from cidm.studio import Studio
+
+    spec = json.loads((EXAMPLES / "concepts.json").read_text())
+
+    def second_lora_norm(method: str) -> tuple[float, float]:
+        studio = Studio(tmp_path / method, method=method)
+        studio.record_forgetting = False
+        for name in spec["tuning_sequence"][:2]:
+            c = spec["concepts"][name]
+            studio.learn(name, [EXAMPLES / f for f in c["images"]], c["class_word"], c["kind"], steps=40)
+        return tuple(float(sum((lora.delta(m) ** 2).sum() for m in lora.modules) ** 0.5)
+                     for lora in studio.loras.values())
+
+    first, second = second_lora_norm("cidm")
+    assert second > 0.2 * first > 0
+    first, second = second_lora_norm("cidm-paper")
+    assert second < 0.02 * first

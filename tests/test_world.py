@@ -109,3 +109,19 @@ def test_concepts_render_their_exact_instance():
     with pytest.raises(KeyError, match="unknown toy concept"):
         C.lookup("nope")
     assert C.spec("random-style-3").kind == "style" and C.spec("random-object-3").kind == "object"
+
+
+def test_the_longer_tuning_set_holds_new_concepts_of_both_kinds_and_no_reported_one(tmp_path):
+    from cidm.bench.results import load_concept_set
+
+    names = C.write_tuning_set(tmp_path, objects=2, styles=1, seed=40)
+    assert names == ["target", "kite", "popart", "random-object-40", "random-object-41", "random-style-40"]
+    spec = load_concept_set(tmp_path)
+    assert spec["tuning_sequence"] == names and not set(names) & set(C.STANDARD_SEQUENCE)
+    kinds = [spec["concepts"][n]["kind"] for n in names]
+    assert kinds.count("style") == 2 and kinds.count("object") == 4
+    for name in names:
+        c = spec["concepts"][name]
+        assert len(c["reference_images"]) == 5 and c["eval_prompts"][0].count(f"<{name}>") == 1
+    objects = [C.lookup(n)[0].combination for n in names[3:5]]
+    assert not set(objects) & C.SHIPPED_COMBINATIONS and objects[0] != objects[1]

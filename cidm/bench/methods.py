@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..methods import get_method
+from ..methods import Method, get_method
 from ..metrics import Evaluator, image_alignment, text_alignment
 from ..plots import ia_heatmap
 from ..studio import Studio
@@ -44,8 +44,9 @@ def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], pr
                  base_model: str | None = None, overrides: dict | None = None, label: str | None = None) -> dict:
     """Learn `order` once with the first method's training (plus `overrides`), and after every task t score every
     learned concept (≤ t) under each method's inference. Returns {method: {"ia", "ta", "learn_seconds",
-    "eval_seconds", "settings"}}."""
-    overrides = overrides or {}
+    "eval_seconds", "settings"}}. `overrides` may also set the inference (`merge`, `psi`), for every method."""
+    overrides = dict(overrides or {})
+    inference = {k: overrides.pop(k) for k in Method.INFERENCE if k in overrides}
     library = Path(out) / (label or methods[0]) / "library"
     if (library / "library.json").exists():
         raise ValueError(f"{library} already holds a library; give an empty --out")
@@ -54,7 +55,8 @@ def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], pr
     evaluator = evaluator or Evaluator(studio.info.evaluator, str(studio.pipe.device))
     p = protocol
     runs = {m: {"ia": {n: {} for n in order}, "ta": {n: {} for n in order}, "learn_seconds": 0.0,
-                "eval_seconds": 0.0, "settings": {**get_method(m).parameters(), **overrides}} for m in methods}
+                "eval_seconds": 0.0, "settings": {**get_method(m).parameters(), **overrides, **inference}}
+            for m in methods}
     for t, name in enumerate(order, start=1):
         c = spec["concepts"][name]
         t0 = time.perf_counter()
@@ -68,7 +70,8 @@ def run_sequence(out: Path, methods: list[str], spec: dict, order: list[str], pr
             for n in order[:t]:
                 cn = spec["concepts"][n]
                 gen = generate_set(studio, cn["eval_prompts"][:p["prompts"]], p["images_per_prompt"], p["gen_steps"],
-                                   p["guidance"], p["seed"], merge=method.merge, psi=method.psi,
+                                   p["guidance"], p["seed"], merge=inference.get("merge", method.merge),
+                                   psi=inference.get("psi", method.psi),
                                    mixed_precision=p.get("gen_precision", "no"))
                 texts = [text for text in cn["eval_texts"][:p["prompts"]] for _ in range(p["images_per_prompt"])]
                 run["ia"][n][t] = image_alignment(evaluator, gen, cn["reference_images"])

@@ -7,7 +7,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..methods import get_method
+from ..ewa import PSI
+from ..generate import MERGES
+from ..methods import Method, get_method
 from ..train import TaskConfig
 from .methods import run_sequence
 from .results import EXAMPLES, format_settings, load_concept_set, make_protocol, markdown_table
@@ -19,7 +21,8 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
     """Choose each method's weight (its `Method.weight` parameter: λ of EWC, LwF, LFS, C-LoRA) on the concept set's
     tuning sequence, which shares no concept with the reported one: the value with the best average IA after the
     last tuning task. `grid`: the values to try for every method (default: each method's own `Method.grid`).
-    `extra`: more settings to try per method, e.g. {"cidm": [{"lr_lora": 1e-3}]}."""
+    `extra`: more trials per method, each one or more settings, e.g. {"cidm": [{"lr_lora": 1e-3}]}; the chosen
+    settings are the best trial's, whichever it is."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = load_concept_set(concepts)
@@ -43,13 +46,9 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
                      "ta": sum(run["ta"][n][last] for n in order) / last,
                      "forgetting": sum(run["ia"][n][i + 1] - run["ia"][n][last] for i, n in enumerate(order)) / last,
                      "run": run})
-    chosen = {}
+    chosen = {}  # per method, the settings of its best trial (a grid value or an --also-try trial)
     for m in dict.fromkeys(r["method"] for r in rows):
-        weight = get_method(m).weight
-        candidates = [r for r in rows if r["method"] == m and weight in r["settings"]]
-        if candidates:
-            best = max(candidates, key=lambda r: r["ia"])
-            chosen[m] = {weight: best["settings"][weight]}
+        chosen[m] = max((r for r in rows if r["method"] == m), key=lambda r: r["ia"])["settings"]
     report = {"protocol": protocol, "chosen": chosen, "trials": rows}
     (out / "tuning.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(["method", "setting", "avg IA", "avg TA", "mean forgetting", "chosen"],
@@ -64,13 +63,17 @@ def run_tuning(out: Path, methods: list[str], base_model: str | None = None, con
 
 
 def check_settings(trials: list[tuple[str, dict]]) -> None:
-    """Before any training, not after the first trials: every setting names a TaskConfig field or a parameter of
-    its method."""
+    """Before any training, not after the first trials: every setting names a TaskConfig field, a parameter of
+    its method or how it generates (`merge`, `psi`, with a known value)."""
     task = {f.name for f in dataclasses.fields(TaskConfig)} - {"name", "class_word", "kind"}
+    choices = {"merge": MERGES, "psi": PSI}
     for m, settings in trials:
-        known = task | set(get_method(m).parameters())
+        known = task | set(get_method(m).parameters()) | set(Method.INFERENCE)
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; a trial sets fields of TaskConfig "
-                             f"(cidm/train.py) or parameters of the method (cidm/methods/), e.g. "
+                             f"(cidm/train.py), parameters of the method (cidm/methods/) or merge / psi, e.g. "
                              f"{', '.join(sorted(known)[:6])}")
+        for key, allowed in choices.items():
+            if key in settings and settings[key] not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {settings[key]!r}")

@@ -16,18 +16,24 @@ from .lora_merge import Finetune, LoRAMerge
 from .lwf import LwF
 
 # The λ of EWC, LwF, C-LoRA and LFS were chosen among 0.1, 1 and 10 on the tuning sequence (no concept of the reported
-# one): `python -m cidm bench --tune`, results in bench/results/tuning/. CIDM's R1 weight γ1 was chosen the same way
-# among the paper's 0.1 and the two decades below it (R1 as printed pulls A_g towards 0, see losses.py); γ2 stays 1.
-# CIDM's ablations that differ from it only at inference share its training (and so its γ1).
+# one): `python -m cidm bench --tune`, results in bench/results/tuning/. CIDM's settings were chosen on the longer
+# tuning sequence of world v2 (`cidm toyworld tuning-set`, results in bench/results/tuning-cidm-v2/): R1 as printed
+# (|A_i A_gᵀ|) held every LoRA after the first at zero for any γ1 tried, so CIDM learned with its tokens alone; the
+# chosen R1 is the subspace form the paper describes, task g's LoRA starts from R2's task-shared knowledge, and ψ is
+# the paper's at a higher power (README, deviations). γ2 stays 1. `cidm-paper` keeps every printed form.
+# CIDM's ablations change one switch each; those that differ from it only at inference share its training.
+CHOSEN = dict(gamma1=0.1, r1_form="subspace", lora_start="shared", psi="sharp")
 METHODS: dict[str, Method] = {m.name: m for m in [
-    CIDM("cidm", "CIDM: per-task LoRA + layer-wise tokens, R1 + R2, elastic weight aggregation", gamma1=0.1,
+    CIDM("cidm", "CIDM: per-task LoRA + layer-wise tokens, R1 + R2, elastic weight aggregation", **CHOSEN,
          weight="gamma1", grid=(0.001, 0.01, 0.1)),
-    CIDM("cidm-no-r1", "CIDM without the orthogonal-subspace regulariser R1", use_r1=False),
-    CIDM("cidm-no-r2", "CIDM without the task-shared regulariser R2", use_r2=False),
-    CIDM("cidm-no-ewa", "CIDM with LoRAs merged at equal weights instead of EWA", merge="mean"),
-    CIDM("cidm-code-psi", "CIDM with the official code's EWA weighting 0.8·m⁴/Σm⁴", psi="code"),
+    CIDM("cidm-paper", "CIDM with the printed forms: R1 = Σ|A_i A_gᵀ|, each LoRA from θ0, ψ = M²/‖M²‖", gamma1=0.1),
+    CIDM("cidm-no-r1", "CIDM without the orthogonal-subspace regulariser R1", **CHOSEN | dict(use_r1=False)),
+    CIDM("cidm-no-r2", "CIDM without the task-shared regulariser R2 (so each LoRA starts from θ0)",
+         **CHOSEN | dict(use_r2=False)),
+    CIDM("cidm-no-ewa", "CIDM with LoRAs merged at equal weights instead of EWA", **CHOSEN | dict(merge="mean")),
+    CIDM("cidm-code-psi", "CIDM with the official code's EWA weighting 0.8·m⁴/Σm⁴", **CHOSEN | dict(psi="code")),
     CIDM("cidm-tokens-only", "diagnostic: CIDM's layer-wise tokens with every LoRA off (what tokens alone carry)",
-         merge="none", diagnostic=True),
+         **CHOSEN | dict(merge="none"), diagnostic=True),
     LoRAMerge("lora-m", "LoRA Merge: per-task LoRAs, merged with equal weights", merge="mean"),
     LoRAMerge("lora-c", "LoRA Composite: per-task LoRAs, noise predictions averaged over LoRAs", merge="composite"),
     Finetune("finetune", "Finetuning: one LoRA carried from task to task, no regulariser"),

@@ -25,6 +25,7 @@ class CIDM(Method):
     use_r2: bool = True  # ablation switch (cidm-no-r2)
     r2_rank: int = 16  # k of the factored W_* = U Vᵀ and H_i = P Qᵀ (see losses.TaskSharedKnowledge)
     r2_lr: float = 1e-3  # step-2 learning rate for H and W_*
+    lora_start: str = "zero"  # "zero": task g's LoRA from θ0 (paper) | "shared": from H_g W_*, H_g the mean past H_i
 
     def __post_init__(self):
         self.shared: TaskSharedKnowledge | None = None  # R2's H_i and W_*, kept once per library
@@ -57,9 +58,14 @@ class CIDM(Method):
         return stored_task_shared(theirs)
 
     def before_task(self, task) -> None:
+        if self.lora_start not in ("zero", "shared"):
+            raise ValueError(f"lora_start must be 'zero' or 'shared', got {self.lora_start!r}")
         self.r2_active = self.use_r2 and self.shared is not None and bool(self.shared.tasks)
         if self.r2_active:
-            self.shared.add_task(task.config.name)
+            from_shared = self.lora_start == "shared"
+            self.shared.add_task(task.config.name, "mean" if from_shared else "zero")
+            if from_shared:  # DEVIATION option: what R2 keeps of the past tasks starts the new one (README)
+                start_lora_at(task.current, self.shared.shared_delta(task.config.name))
             self.shared_optimizer = torch.optim.Adam(self.shared.parameters(), lr=self.r2_lr,
                                                      foreach=True)  # many small tensors
 
@@ -94,6 +100,23 @@ class CIDM(Method):
         if self.r2_active:
             self.shared.remove_task(task.config.name)
         self.r2_active = False
+
+
+@torch.no_grad()
+def start_lora_at(lora: LoRAWeights, deltas: dict[str, torch.Tensor]) -> None:
+    """Set scale·A·B to the best rank-r approximation of each module's target ΔW (its truncated SVD, split evenly
+    between A and B). Directions the target lacks keep the fresh LoRA's B row and a zero A column, so they still
+    learn (A = B = 0 would have no gradient)."""
+    for module in lora.modules:
+        up, down = lora.up[module], lora.down[module]
+        r = up.shape[1]
+        u, s, vh = torch.linalg.svd(deltas[module].float().to(up.device) / lora.scale, full_matrices=False)
+        s = s[:r]
+        keep = s > 1e-6 * float(s[0]) if float(s[0]) > 0 else torch.zeros_like(s, dtype=torch.bool)
+        root = s.sqrt()
+        up.zero_()
+        up[:, keep] = (u[:, :r] * root)[:, keep].to(up)
+        down[keep] = (root[:, None] * vh[:r])[keep].to(down)
 
 
 def stored_task_shared(shared: TaskSharedKnowledge) -> tuple[dict, dict]:

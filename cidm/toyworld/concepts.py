@@ -251,5 +251,18 @@ def write_examples(root: Path, names: list[str] | None = None, standard: bool = 
     (root / "concepts.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+def write_tuning_set(root: Path, objects: int = 4, styles: int = 1, seed: int = 3000) -> list[str]:
+    """A longer tuning sequence than the shipped one (three concepts, so one concept's luck decided a setting): the
+    shipped tuning concepts, then new procedural objects and styles (seeds from `seed`), never a reported concept.
+    For `cidm bench --tune --concepts ROOT`. Returns the sequence."""
+    names = [*TUNING_SEQUENCE, *(f"random-object-{seed + i}" for i in range(objects)),
+             *(f"random-style-{seed + i}" for i in range(styles))]
+    write_examples(root, names, standard=False)
+    manifest = load_examples(root)
+    manifest["tuning_sequence"] = names
+    (root / "concepts.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return names
+
+
 def load_examples(root: Path) -> dict:
     return json.loads((root / "concepts.json").read_text())

@@ -49,7 +49,7 @@ class ToyTrainConfig:
     # latent cache
     n_latents: int = 60_000
     # text encoder + UNet
-    unet_steps: int = 16_000
+    unet_steps: int = 12_000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     unet_warmup: int = 300
