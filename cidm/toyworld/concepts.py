@@ -232,13 +232,16 @@ def reference_images(name: str, n: int = 5, seed: int = 0) -> tuple[list[np.ndar
     return images, captions
 
 
-def write_examples(root: Path, names: list[str] | None = None, standard: bool = True) -> None:
-    """Render concepts' reference images and write `concepts.json` (specs, captions, and the sequences)."""
+def write_examples(root: Path, names: list[str] | None = None, sequences: dict | None = None) -> None:
+    """Render concepts' reference images and write `concepts.json` (specs, captions, and the sequences: the shipped
+    ones, or `sequences`, e.g. {"tuning_sequence": [...]})."""
     from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
-    manifest = {"standard_sequence": list(STANDARD_SEQUENCE), "tuning_sequence": list(TUNING_SEQUENCE),
-                "similar_pairs": [list(p) for p in SIMILAR_PAIRS], "concepts": {}} if standard else {"concepts": {}}
+    if sequences is None:
+        sequences = {"standard_sequence": list(STANDARD_SEQUENCE), "tuning_sequence": list(TUNING_SEQUENCE),
+                     "similar_pairs": [list(p) for p in SIMILAR_PAIRS]}
+    manifest = {**sequences, "concepts": {}}
     for name in names or [*OBJECTS, *STYLES]:
         s = spec(name)
         images, captions = reference_images(name)
@@ -257,10 +260,7 @@ def write_tuning_set(root: Path, objects: int = 4, styles: int = 1, seed: int = 
     For `cidm bench --tune --concepts ROOT`. Returns the sequence."""
     names = [*TUNING_SEQUENCE, *(f"random-object-{seed + i}" for i in range(objects)),
              *(f"random-style-{seed + i}" for i in range(styles))]
-    write_examples(root, names, standard=False)
-    manifest = load_examples(root)
-    manifest["tuning_sequence"] = names
-    (root / "concepts.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_examples(root, names, {"tuning_sequence": names})
     return names
 
 
