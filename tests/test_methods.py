@@ -64,6 +64,27 @@ def test_merge_modes_weigh_tasks_as_their_methods_say(base, tmp_path):
         layer_weights(studio.tokens, studio.loras, "a", GenerateConfig(merge="magic"))
 
 
+def test_lora_composite_averages_each_loras_own_prediction(base, tmp_path):
+    from cidm.generate import GenerateConfig, generate
+
+    studio = fresh(base, tmp_path / "c", "lora-c")
+    studio.record_forgetting = False
+    learn(studio, "medic", steps=3, lr_lora=0.05)  # a LoRA large enough to change the pixels
+    learn(studio, "bolt", steps=3, lr_lora=0.05)
+    prompt, medic = "a photo of a <medic> on grass", studio.loras["medic"]
+
+    def image(loras, merge):
+        config = GenerateConfig(steps=3, merge=merge, num_images=2)
+        return np.stack([np.asarray(i, np.int16) for i in generate(studio.pipe, studio.tokens, loras, prompt,
+                                                                    config=config)])
+
+    # two copies of one LoRA: the average of two equal predictions is that LoRA alone, at weight 1 (not 2, not 1/2)
+    twice = image({"medic": medic, "again": medic}, "composite")
+    assert np.abs(twice - image({"medic": medic}, "last")).max() <= 1
+    both = image(dict(studio.loras), "composite")
+    assert np.abs(both - twice).max() > 8  # bolt's copy counts
+
+
 def test_tokens_only_diagnostic_generates_exactly_as_with_no_lora(base, tmp_path):
     from cidm.generate import GenerateConfig, generate
 
