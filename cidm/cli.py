@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="end this sitting after this long, state saved (default: run to "
                    "the end)")
     p.add_argument("--vae-steps", type=int, help="default 4000")
-    p.add_argument("--evaluator-steps", type=int, help="default 1500")
+    p.add_argument("--evaluator-steps", type=int, help="default 3000")
     p.add_argument("--unet-steps", type=int, help="default 12000")
     p.set_defaults(func=cmd_toyworld_train)
     p = tw.add_parser("tuning-set", help="write a longer tuning sequence (the shipped tuning concepts and new "

@@ -92,9 +92,10 @@ def test_an_evaluator_folder_that_is_not_clip_style_gets_a_clear_error(tmp_path)
 def test_evaluator_reads_world_images(evaluator):
     acc = quality.evaluator_accuracy(*evaluator, n=96, seed=quality.HELD_OUT_SEED + 77)
     # chance: 1/6 shape, 1/12 colours, 1/9 inner part, 1/12 inner colour, 1/18 context. On 1,000 images the shipped
-    # evaluator reads 99.9 / 99.5 / 83.1 / 96.9 / 100 % (the inner part is under its 95 % target): these floors hold
-    # what it does, so that a regression (e.g. the first version's ViT, 38 % on shapes) fails
-    floors = {"shape": 0.93, "colour": 0.93, "inner": 0.75, "inner_colour": 0.9, "context": 0.95}
+    # evaluator reads 100 / 99.8 / 96.5 / 98.3 / 100 % (these 96 images: 100 / 100 / 96.9 / 100 / 100 %): the floors
+    # leave room for 96 images' spread, so that a regression (the first version's ViT: 38 % on shapes; this CNN at
+    # 1,500 steps: 83 % on inner parts) fails
+    floors = {"shape": 0.93, "colour": 0.93, "inner": 0.9, "inner_colour": 0.93, "context": 0.95}
     assert all(acc[a] >= floor for a, floor in floors.items()), acc
 
 

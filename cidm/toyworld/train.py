@@ -41,7 +41,7 @@ class ToyTrainConfig:
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6  # KL weight; small, as SD's VAE
     # evaluator (CLIP), whose text tower also starts the diffusion model's text encoder (as in SD)
-    clip_steps: int = 1500  # a later run asking for more continues the evaluator (the UNet keeps its start)
+    clip_steps: int = 3000  # a later run asking for more continues the evaluator (the UNet keeps its start)
     clip_batch: int = 128
     clip_lr: float = 5e-4  # text tower
     clip_image_lr: float = 2e-3  # image tower (GlyphCNN) and both projections
