@@ -88,3 +88,14 @@ def test_learn_generate_and_compose_from_the_command_line(tiny_model_dir, tmp_pa
     assert out.returncode == 2 and "x0,y0,x1,y1:prompt" in out.stderr
     out = run("generate", "--library", lib, "--prompt", "a <nope>", "--out", str(tmp_path / "n.png"), **env)
     assert out.returncode == 2 and "known concepts: <medic>" in out.stderr
+
+
+def test_bench_core_learns_with_the_bases_default_steps_unless_told(monkeypatch, tmp_path):
+    import cidm.bench.core
+    from cidm.cli import main
+
+    calls = []
+    monkeypatch.setattr(cidm.bench.core, "run_core_bench", lambda out, **kw: calls.append(kw))
+    assert main(["bench", "--core", "--out", str(tmp_path / "a")]) == 0
+    assert main(["bench", "--core", "--out", str(tmp_path / "b"), "--steps", "40"]) == 0
+    assert [c["steps"] for c in calls] == [None, 40]  # None: as `cidm learn`, the base folder's default
