@@ -1,5 +1,6 @@
 """The embedded toy world: shipped models load through the SD code path and do real work; concepts are consistent."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -379,6 +380,14 @@ def test_the_toy_world_trains_from_scratch_into_a_folder_the_studio_loads(tmp_pa
     train_all(cfg)  # every stage done: the second run only reloads
     assert '"resumed_at"' in (tmp_path / "train_log.jsonl").read_text().splitlines()[-1]
     assert (tmp_path / "train_log.jsonl").read_text().count("\n") == log_lines + 1
+
+    # the evaluator trained on: the shipped UNet's score is read again by it before any later UNet is compared
+    train_all(dataclasses.replace(cfg, clip_steps=3, unet_steps=4))
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    rescored = [r for r in records if "rescored" in r]
+    assert [(r["rescored"], r["was"], r["evaluator"]) for r in rescored] == [(2, "glyph-cnn-2", "glyph-cnn-3")]
+    best = torch.load(tmp_path / "state" / "unet.pt", weights_only=False)["extra"]["best"]
+    assert best["evaluator"] == "glyph-cnn-3" and best["score"] >= rescored[0]["score"]
 
 
 def test_cidms_default_learns_a_lora_for_every_task_where_the_printed_r1_holds_the_second_at_zero(tmp_path):
