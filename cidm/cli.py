@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the end)")
     p.add_argument("--vae-steps", type=int, help="default 4000")
     p.add_argument("--evaluator-steps", type=int, help="default 3000")
-    p.add_argument("--unet-steps", type=int, help="default 12000")
+    p.add_argument("--unet-steps", type=int, help="default 18000")
     p.set_defaults(func=cmd_toyworld_train)
     p = tw.add_parser("tuning-set", help="write a longer tuning sequence (the shipped tuning concepts and new "
                       "procedural ones) for `cidm bench --tune --concepts OUT`")
