@@ -499,7 +499,7 @@ def unet_batch(cfg: ToyTrainConfig, cache: dict, vae, empty_ids, rng: torch.Gene
 
 
 def train_unet(cfg: ToyTrainConfig, out: Path, model_dir: Path, vae, text_encoder, tokenizer, clip, t_start: float,
-               evaluator_id: str = ""):
+               evaluator_id: str):
     ddpm, ddim = make_schedulers()
     cache = torch.load(out / "cache" / "latents.pt")
     unet = make_unet()
@@ -567,7 +567,7 @@ def rescore_shipped(out: Path, model_dir: Path, clip, tokenizer, best: dict, eva
 
 
 @torch.no_grad()
-def gate_checkpoint(cfg, out, model_dir, candidates: dict, vae, tokenizer, ddim, clip, step, best, evaluator_id=""):
+def gate_checkpoint(cfg, out, model_dir, candidates: dict, vae, tokenizer, ddim, clip, step, best, evaluator_id):
     """Measure prompt-following of the raw and EMA (UNet, text encoder) pairs; ship whichever beats the best."""
     results = {}
     for name, (unet, text_encoder) in candidates.items():
