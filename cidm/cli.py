@@ -10,6 +10,8 @@ import platform
 import sys
 from pathlib import Path
 
+BENCH_STEPS = 300  # steps per task of the methods bench and --tune when --steps is not given
+
 
 def cmd_info(args) -> int:
     import torch
@@ -191,14 +193,15 @@ def cmd_bench(args) -> int:
             except ValueError:
                 raise ValueError(f"--grid takes comma-separated numbers, e.g. 0.1,1; got {args.grid!r}") from None
         run_tuning(Path(args.out), methods, base_model=args.base, concepts=concepts, grid=grid,
-                   steps=args.steps or 300, prompts=args.prompts, images=args.images, seed=args.seed, extra=extra)
+                   steps=args.steps or BENCH_STEPS, prompts=args.prompts, images=args.images, seed=args.seed,
+                   extra=extra)
         return 0
     if not args.core:
         from .bench.methods import run_methods_bench
 
         methods = [m.strip() for m in (args.methods or ",".join(compared_methods())).split(",") if m.strip()]
         run_methods_bench(Path(args.out), methods, base_model=args.base, concepts=concepts, tasks=args.tasks,
-                          steps=args.steps or 300, prompts=args.prompts, images=args.images, seed=args.seed,
+                          steps=args.steps or BENCH_STEPS, prompts=args.prompts, images=args.images, seed=args.seed,
                           precision=args.precision, workers=args.workers)
         return 0
     from .bench.core import run_core_bench
@@ -288,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", help="a concept set in the examples/concepts format (default: the toy world's)")
     p.add_argument("--tasks", type=int, default=10)
     p.add_argument("--steps", type=int, help="training steps per task (default: --core learns as `cidm learn` does, "
-                   "with the base's learning default; the methods bench and --tune: 300)")
+                   f"with the base's learning default; the methods bench and --tune: {BENCH_STEPS})")
     p.add_argument("--prompts", type=int, default=10, help="evaluation prompts per concept")
     p.add_argument("--seeds", type=int, default=2, help="--core: images per prompt")
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
