@@ -10,6 +10,7 @@ from cidm import models
 from cidm.ewa import elastic_weights, ewa_weights, merged
 from cidm.library import Library, LibraryError, validate_name
 from cidm.lora import LoRAWeights
+from cidm.methods import METHODS
 from cidm.losses import TaskSharedKnowledge, orthogonal_subspace_loss
 from cidm.studio import Studio
 from cidm.toyworld import concepts as C
@@ -128,7 +129,8 @@ def test_library_files_and_manifest(studio):
     assert manifest["method"] == "cidm" and manifest["base_model"]["n_layers"] == 7
     rec = manifest["concepts"]["pixelart"]
     assert rec["kind"] == "style" and rec["class_word"] == "style" and rec["task"] == 3
-    assert rec["training"]["gamma1"] == 0.1 and rec["training"]["gamma2"] == 1.0
+    chosen = METHODS["cidm"]
+    assert rec["training"]["gamma1"] == chosen.gamma1 and rec["training"]["gamma2"] == chosen.gamma2 == 1.0
     folder = lib.root / "bolt"
     for f in ("pytorch_lora_weights.safetensors", "tokens.safetensors", "README.md", "images/0.png"):
         assert (folder / f).is_file(), f
