@@ -10,8 +10,8 @@ from cidm import models
 from cidm.ewa import elastic_weights, ewa_weights, merged
 from cidm.library import Library, LibraryError, validate_name
 from cidm.lora import LoRAWeights
-from cidm.methods import METHODS
 from cidm.losses import TaskSharedKnowledge, orthogonal_subspace_loss
+from cidm.methods import METHODS
 from cidm.studio import Studio
 from cidm.toyworld import concepts as C
 
