@@ -209,7 +209,7 @@ def test_r2_factored_form_equals_the_dense_formula():
     assert shared.task_shared_loss("a", first).item() == pytest.approx(0.0, abs=1e-6 * scale)  # H_1 W_* = ΔW_1
     shared.add_task("b")
     with torch.no_grad():
-        for p in shared.P["b"].values():
+        for p, _ in shared.factors("b").values():
             p.normal_(generator=g)
     dense = ((second.delta("m") - shared.shared_delta("b")["m"]) ** 2).sum()
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
@@ -225,7 +225,7 @@ def test_a_task_started_from_the_shared_knowledge_begins_at_the_mean_past_h_w():
     shared.initialise("a", past[0], generator=g)
     shared.add_task("b")
     with torch.no_grad():
-        for p in [*shared.P["b"].values(), *shared.U.values()]:  # W_* moved on since task a: U no longer orthonormal
+        for p in [*(p for p, _ in shared.factors("b").values()), *shared.U.values()]:  # W_* moved on since task a: U no longer orthonormal
             p.add_(0.3 * torch.randn(p.shape, generator=g))
     shared.add_task("c", start="mean")
     mean = {m: (shared.shared_delta("a")[m] + shared.shared_delta("b")[m]) / 2 for m in shapes}
@@ -261,7 +261,7 @@ def test_r2_over_modules_of_several_shapes_equals_the_dense_sum():
     shared.initialise("a", first, generator=g)
     shared.add_task("b")
     with torch.no_grad():
-        for p in shared.P["b"].values():
+        for p, _ in shared.factors("b").values():
             p.normal_(generator=g)
     dense = sum(((second.delta(m) - shared.shared_delta("b")[m]) ** 2).sum() for m in shapes)
     assert shared.task_shared_loss("b", second).item() == pytest.approx(dense.item(), rel=1e-5)
@@ -271,8 +271,14 @@ def test_r1_and_r2_batched_over_modules_and_tasks_equal_their_per_pair_formulas(
     g = torch.Generator().manual_seed(1)
     shapes = MIXED_SHAPES
     current, past = random_lora(shapes, g), [random_lora(shapes, g) for _ in range(3)]
+    for w in current.up.values():
+        w.requires_grad_(True)
     r1 = sum((old.up[m] @ current.up[m].T).abs().sum() for old in past for m in shapes)
-    assert orthogonal_subspace_loss(current, past).item() == pytest.approx(r1.item(), rel=1e-5)
+    by_pair = torch.autograd.grad(r1, list(current.up.values()))
+    batched = orthogonal_subspace_loss(current, past)
+    assert batched.item() == pytest.approx(r1.item(), rel=1e-5)
+    for mine, theirs in zip(torch.autograd.grad(batched, list(current.up.values())), by_pair):  # R1's own backward
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
     r1_mean = torch.stack([(old.up[m].T @ current.up[m]).abs().mean() for old in past for m in shapes]).mean()
     assert orthogonal_subspace_loss(current, past, "mean", "subspace").item() == pytest.approx(r1_mean.item(), rel=1e-5)
 
@@ -281,13 +287,69 @@ def test_r1_and_r2_batched_over_modules_and_tasks_equal_their_per_pair_formulas(
     for name in "bc":
         shared.add_task(name)
         with torch.no_grad():
-            for p in shared.P[name].values():
+            for p, _ in shared.factors(name).values():
                 p.normal_(generator=g)
     loras = dict(zip("abc", past))
     one_by_one = sum(shared.task_shared_loss(n, loras[n]) for n in "abc")
     dense = sum(((loras[n].delta(m) - shared.shared_delta(n)[m]) ** 2).sum() for n in "abc" for m in shapes)
     assert shared.task_shared_loss_sum(loras).item() == pytest.approx(one_by_one.item(), rel=1e-5)
     assert shared.task_shared_loss_sum(loras).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+def shared_of_three(g: torch.Generator) -> tuple[TaskSharedKnowledge, dict]:
+    """R2's state over tasks a, b, c with H_b, H_c moved off their start."""
+    loras = {n: random_lora(MIXED_SHAPES, g) for n in "abc"}
+    shared = TaskSharedKnowledge(rank=3)
+    shared.initialise("a", loras["a"], generator=g)
+    for name in "bc":
+        shared.add_task(name)
+        with torch.no_grad():
+            for p, _ in shared.factors(name).values():
+                p.normal_(generator=g)
+    return shared, loras
+
+
+def test_r2_step_two_joint_gets_the_gradients_of_the_alternating_pass():
+    # one backward of Σ_i R2(task i) gives ΔW_c the gradient of its own term only (step 1 of Eq. 7), and H, W_* that
+    # of every term (step 2) -- what the two passes of the printed alternation give at the same ΔW_c
+    from cidm.methods.cidm import frozen_parameters
+
+    shared, loras = shared_of_three(torch.Generator().manual_seed(2))
+    current = loras["c"]
+    for w in [*current.up.values(), *current.down.values()]:
+        w.requires_grad_(True)
+    shared.task_shared_loss_sum(loras).backward()
+    joint_lora = [w.grad.clone() for w in [*current.up.values(), *current.down.values()]]
+    joint_shared = [p.grad.clone() for p in shared.parameters()]
+    for w in [*current.up.values(), *current.down.values(), *shared.parameters()]:
+        w.grad = None
+
+    with frozen_parameters(shared):  # step 1: task c's own term, H and W_* fixed
+        shared.task_shared_loss("c", current).backward()
+    assert all(p.grad is None and p.requires_grad for p in shared.parameters())
+    for joint, w in zip(joint_lora, [*current.up.values(), *current.down.values()]):
+        assert torch.allclose(w.grad, joint, rtol=1e-4, atol=1e-5)
+    fixed = LoRAWeights({m: w.detach() for m, w in current.up.items()},
+                        {m: w.detach() for m, w in current.down.items()}, current.scale)
+    shared.task_shared_loss_sum({**loras, "c": fixed}).backward()  # step 2: every term, ΔW fixed
+    assert len(joint_shared) == 12  # U, V, P, Q for each of the three shape groups
+    for joint, p in zip(joint_shared, shared.parameters()):
+        assert joint.abs().max() > 0 and torch.allclose(p.grad, joint, rtol=1e-4, atol=1e-5)
+
+
+def test_r2_state_keeps_each_task_s_factors_through_remove_and_replace():
+    shared, _ = shared_of_three(torch.Generator().manual_seed(4))
+    before = {n: shared.shared_delta(n) for n in "abc"}
+    shared.remove_task("b")
+    assert shared.tasks == ["a", "c"]
+    for name in "ac":
+        assert all(torch.equal(shared.shared_delta(name)[m], before[name][m]) for m in MIXED_SHAPES)
+    shared.add_task("a")  # learned again: H_a starts over (at 0) and a moves to the end
+    assert shared.tasks == ["c", "a"]
+    assert all(shared.shared_delta("a")[m].abs().max() == 0 for m in MIXED_SHAPES)
+    assert all(torch.equal(shared.shared_delta("c")[m], before["c"][m]) for m in MIXED_SHAPES)
+    with pytest.raises(ValueError, match="already"):
+        shared.put_task("c", shared.factors("c"))
 
 
 def test_r2_state_survives_a_round_trip(studio):

@@ -5,13 +5,15 @@ The ablations are parameters: `use_r1`, `use_r2`, and the inference `merge` / `p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
 import torch
 
 from ..lora import LoRAWeights
-from ..losses import TaskSharedKnowledge, orthogonal_subspace_loss
+from ..losses import GroupedLoRA, TaskSharedKnowledge, orthogonal_subspace_loss
+from ..train import adam_kernels
 from .base import Method
 
 
@@ -26,11 +28,13 @@ class CIDM(Method):
     r2_rank: int = 16  # k of the factored W_* = U Vᵀ and H_i = P Qᵀ (see losses.TaskSharedKnowledge)
     r2_lr: float = 1e-3  # step-2 learning rate for H and W_*
     lora_start: str = "zero"  # "zero": task g's LoRA from θ0 (paper) | "shared": from H_g W_*, H_g the mean past H_i
+    r2_update: str = "joint"  # Eq. 7's step 2: "joint" from step 1's backward | "alternating", a pass of its own
 
     def __post_init__(self):
         self.shared: TaskSharedKnowledge | None = None  # R2's H_i and W_*, kept once per library
         self.r2_active = False  # this task trains with R2 (from task 2 on)
         self.shared_optimizer: torch.optim.Optimizer | None = None  # Eq. 7's step 2
+        self.past_factors: dict[str, GroupedLoRA] = {}  # the past tasks' LoRAs stacked once per task (R1, R2)
 
     def load(self, library) -> None:
         self.shared = read_task_shared(library)
@@ -54,40 +58,52 @@ class CIDM(Method):
             return self.library_state()
         if name in theirs.tasks:  # replaced meanwhile: this task's H_g is the newer one
             theirs.remove_task(name)
-        theirs.P[name], theirs.Q[name] = self.shared.P[name], self.shared.Q[name]
+        theirs.put_task(name, self.shared.factors(name))
         return stored_task_shared(theirs)
 
     def before_task(self, task) -> None:
         if self.lora_start not in ("zero", "shared"):
             raise ValueError(f"lora_start must be 'zero' or 'shared', got {self.lora_start!r}")
+        if self.r2_update not in ("joint", "alternating"):
+            raise ValueError(f"r2_update must be 'joint' or 'alternating', got {self.r2_update!r}")
         self.r2_active = self.use_r2 and self.shared is not None and bool(self.shared.tasks)
+        groups = self.shared.groups if self.shared is not None else None
+        self.past_factors = {name: GroupedLoRA.of(lora, groups) for name, lora in task.past.items()}
         if self.r2_active:
             from_shared = self.lora_start == "shared"
             self.shared.add_task(task.config.name, "mean" if from_shared else "zero")
             if from_shared:  # DEVIATION option: what R2 keeps of the past tasks starts the new one (README)
                 start_lora_at(task.current, self.shared.shared_delta(task.config.name))
             self.shared_optimizer = torch.optim.Adam(self.shared.parameters(), lr=self.r2_lr,
-                                                     foreach=True)  # many small tensors
+                                                     **adam_kernels(self.shared.device))
 
     def loss(self, task, batch) -> dict[str, tuple[float, torch.Tensor]]:
         # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
-        past = list(task.past.values())
-        r1 = torch.zeros(())
-        if self.use_r1 and past:
-            r1 = orthogonal_subspace_loss(task.current, past, self.r1_reduction, self.r1_form)
-        r2 = self.shared.task_shared_loss(task.config.name, task.current) if self.r2_active else torch.zeros(())
+        current = GroupedLoRA.of(task.current, self.shared.groups if self.shared is not None else None)
+        r1 = r2 = torch.zeros(())
+        if self.use_r1 and self.past_factors:
+            r1 = orthogonal_subspace_loss(current, list(self.past_factors.values()), self.r1_reduction, self.r1_form)
+        if self.r2_active and self.r2_update == "joint":
+            # Σ_i R2(task i): only task g's term reaches ΔW_g (the past ΔW_i are fixed), and the same backward gives
+            # step 2 its gradient on H and W_* (scaled by γ2, which Adam's update does not see)
+            r2 = self.shared.task_shared_loss_sum(self.learners(current))
+        elif self.r2_active:
+            with frozen_parameters(self.shared):
+                r2 = self.shared.task_shared_loss(task.config.name, current)
         return {"r1": (self.gamma1, r1), "r2": (self.gamma2, r2)}
+
+    def learners(self, current: GroupedLoRA) -> dict[str, GroupedLoRA]:
+        """Every task's ΔW_i in R2's task order: the past ones fixed, the current one as it stands."""
+        learners = {**self.past_factors, self.shared.tasks[-1]: current}
+        return {name: learners[name] for name in self.shared.tasks}
 
     def after_step(self, task) -> None:
         # step 2 of Eq. 7 (as descent; the printed '+' ascends): H_i and W_* on R2, tokens and ΔW_g fixed
         if not self.r2_active:
             return
-        current = task.current
-        frozen = LoRAWeights({m: w.detach() for m, w in current.up.items()},
-                             {m: w.detach() for m, w in current.down.items()}, current.scale)
-        learners = {**task.past, task.config.name: frozen}
-        r2_all = self.shared.task_shared_loss_sum({name: learners[name] for name in self.shared.tasks})
-        r2_all.backward()  # Eq. 6: ∂R2/∂H = −2(ΔW − HW_*)W_*ᵀ, ∂R2/∂W_* = −2Hᵀ(ΔW − HW_*), by autograd
+        if self.r2_update == "alternating":  # a pass of its own, after step 1 has moved ΔW_g
+            current = GroupedLoRA.of(task.learned(), self.shared.groups)
+            self.shared.task_shared_loss_sum(self.learners(current)).backward()  # Eq. 6 by autograd
         self.shared_optimizer.step()  # Eq. 7: H, W_* := H, W_* − η ∂R2/∂(H, W_*), with Adam
         self.shared_optimizer.zero_grad(set_to_none=True)
 
@@ -100,6 +116,19 @@ class CIDM(Method):
         if self.r2_active:
             self.shared.remove_task(task.config.name)
         self.r2_active = False
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: torch.nn.Module):
+    """`module`'s parameters without gradients for a while (step 1 of Eq. 7 holds H and W_* fixed)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @torch.no_grad()
