@@ -72,16 +72,21 @@ def run_compose_bench(out: Path, library: Path, base_model: str | None = None, l
         alone += neglected(image, [n], [(0, 0, size, size)])
     results = {"one concept alone, whole image (control)": {"1 box": 100.0 * sum(alone) / len(alone)}}
     print(f"control, one concept alone: not recognised {results[next(iter(results))]['1 box']:.1f} %", flush=True)
+    # second control: each layout's boxes one at a time, alone (box i % k of layout i): what a box of that size and
+    # place costs a concept without neighbours, so that the neglect above it is what the neighbours cost
+    alone_in_box = "one concept alone in one of the layout's boxes (control, CIDM compose)"
     for k in (2, 3):
         plans = [layout(k) for _ in range(layouts)]
-        for method, run in methods.items():
+        singles = [([c[i % k]], [b[i % k]], s) for i, (c, b, s) in enumerate(plans)]
+        runs = [(alone_in_box, "alone", methods["CIDM compose (Eq. 4 + Eq. 5)"], singles)]
+        runs += [(method, method.split()[0].lower(), run, plans) for method, run in methods.items()]
+        for method, short, run, plan_set in runs:
             flags = []
-            for i, (chosen, boxes, scene) in enumerate(plans):
+            for i, (chosen, boxes, scene) in enumerate(plan_set):
                 image = run(chosen, boxes, scene, seed + i)
                 flags += neglected(image, chosen, boxes)
                 if i == 0:
-                    image.resize((size * 4, size * 4), Image.NEAREST).save(
-                        out / f"compose_{k}boxes_{method.split()[0].lower()}.png")
+                    image.resize((size * 4, size * 4), Image.NEAREST).save(out / f"compose_{k}boxes_{short}.png")
             results.setdefault(method, {})[f"{k} boxes"] = 100.0 * sum(flags) / len(flags)
             print(f"{method}, {k} boxes: neglect {results[method][f'{k} boxes']:.1f} %", flush=True)
     print(markdown_table(["method", "neglect, 1 (%)", "neglect, 2 boxes (%)", "neglect, 3 boxes (%)"],
