@@ -81,15 +81,19 @@ class CIDM(Method):
         # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
         current = GroupedLoRA.of(task.current, self.shared.groups if self.shared is not None else None)
         r1 = r2 = torch.zeros(())
-        if self.use_r1 and self.past_factors:
-            r1 = orthogonal_subspace_loss(current, list(self.past_factors.values()), self.r1_reduction, self.r1_form)
-        if self.r2_active and self.r2_update == "joint":
-            # Σ_i R2(task i): only task g's term reaches ΔW_g (the past ΔW_i are fixed), and the same backward gives
-            # step 2 its gradient on H and W_* (scaled by γ2, which Adam's update does not see)
-            r2 = self.shared.task_shared_loss_sum(self.learners(current))
-        elif self.r2_active:
-            with frozen_parameters(self.shared):
-                r2 = self.shared.task_shared_loss(task.config.name, current)
+        device = next(iter(current.up.values())).device.type
+        with torch.autocast(device, enabled=False):  # small products of fp32 factors: no gain from half precision
+            if self.use_r1 and self.past_factors:
+                r1 = orthogonal_subspace_loss(current, list(self.past_factors.values()), self.r1_reduction,
+                                              self.r1_form)
+            if self.r2_active and self.r2_update == "joint":
+                # Σ_i R2(task i): only task g's term reaches ΔW_g (the past ΔW_i are fixed), and the same backward
+                # gives step 2 its gradient on H and W_* (Eq. 6: ∂R2/∂H = −2(ΔW − HW_*)W_*ᵀ, ∂R2/∂W_* =
+                # −2Hᵀ(ΔW − HW_*), by autograd), scaled by γ2, which Adam's update does not see
+                r2 = self.shared.task_shared_loss_sum(self.learners(current))
+            elif self.r2_active:
+                with frozen_parameters(self.shared):
+                    r2 = self.shared.task_shared_loss(task.config.name, current)
         return {"r1": (self.gamma1, r1), "r2": (self.gamma2, r2)}
 
     def learners(self, current: GroupedLoRA) -> dict[str, GroupedLoRA]:
