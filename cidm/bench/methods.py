@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -133,6 +134,17 @@ def estimated_cost(group: list[str], tasks: int) -> float:
     return learn + evaluate
 
 
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """A worker process's initializer: it stops when the bench that started it is gone (killed), instead of learning on
+    and writing into OUT/parts, where the next run would find its libraries."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _run_group(out: Path, group: list[str], threads: int, settings: dict) -> Path:
     torch.set_num_threads(threads)
     part = out / "parts" / group[0]
@@ -147,7 +159,8 @@ def run_in_workers(out: Path, groups: list[list[str]], workers: int, settings: d
     start = time.perf_counter()
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     ordered = sorted(groups, key=lambda g: -estimated_cost(g, settings["tasks"]))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {tuple(g): pool.submit(_run_group, out, g, threads, settings) for g in ordered}
     parts, failed = [], []
     for g in groups:  # the table keeps the methods' order
