@@ -270,7 +270,8 @@ class TaskSharedKnowledge(nn.Module):
             shared.P[group] = nn.Parameter(shared.U[group].detach().new_zeros((0, *shared.U[group].shape)))
             shared.Q[group] = nn.Parameter(shared.P[group].detach().clone())
         for task in tasks:
-            shared.put_task(task, {g: (stack(f"P.{task}", ms), stack(f"Q.{task}", ms)) for g, ms in shared.groups.items()})
+            shared.put_task(task, {g: (stack(f"P.{task}", ms), stack(f"Q.{task}", ms))
+                                   for g, ms in shared.groups.items()})
         return shared
 
 

@@ -35,6 +35,7 @@ class CIDM(Method):
         self.r2_active = False  # this task trains with R2 (from task 2 on)
         self.shared_optimizer: torch.optim.Optimizer | None = None  # Eq. 7's step 2
         self.past_factors: dict[str, GroupedLoRA] = {}  # the past tasks' LoRAs stacked once per task (R1, R2)
+        self.groups: dict[str, list[str]] | None = None  # R2's shape groups (None before the first task: the LoRA's)
 
     def load(self, library) -> None:
         self.shared = read_task_shared(library)
@@ -67,8 +68,8 @@ class CIDM(Method):
         if self.r2_update not in ("joint", "alternating"):
             raise ValueError(f"r2_update must be 'joint' or 'alternating', got {self.r2_update!r}")
         self.r2_active = self.use_r2 and self.shared is not None and bool(self.shared.tasks)
-        groups = self.shared.groups if self.shared is not None else None
-        self.past_factors = {name: GroupedLoRA.of(lora, groups) for name, lora in task.past.items()}
+        self.groups = self.shared.groups if self.shared is not None else None
+        self.past_factors = {name: GroupedLoRA.of(lora, self.groups) for name, lora in task.past.items()}
         if self.r2_active:
             from_shared = self.lora_start == "shared"
             self.shared.add_task(task.config.name, "mean" if from_shared else "zero")
@@ -79,7 +80,7 @@ class CIDM(Method):
 
     def loss(self, task, batch) -> dict[str, tuple[float, torch.Tensor]]:
         # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
-        current = GroupedLoRA.of(task.current, self.shared.groups if self.shared is not None else None)
+        current = GroupedLoRA.of(task.current, self.groups)
         r1 = r2 = torch.zeros(())
         device = next(iter(current.up.values())).device.type
         with torch.autocast(device, enabled=False):  # small products of fp32 factors: no gain from half precision
@@ -106,7 +107,7 @@ class CIDM(Method):
         if not self.r2_active:
             return
         if self.r2_update == "alternating":  # a pass of its own, after step 1 has moved ΔW_g
-            current = GroupedLoRA.of(task.learned(), self.shared.groups)
+            current = GroupedLoRA.of(task.learned(), self.groups)
             self.shared.task_shared_loss_sum(self.learners(current)).backward()  # Eq. 6 by autograd
         self.shared_optimizer.step()  # Eq. 7: H, W_* := H, W_* − η ∂R2/∂(H, W_*), with Adam
         self.shared_optimizer.zero_grad(set_to_none=True)
