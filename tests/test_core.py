@@ -245,6 +245,27 @@ def test_a_task_started_from_the_shared_knowledge_begins_at_the_mean_past_h_w():
         shared.add_task("d", start="average")
 
 
+def test_a_task_started_from_the_previous_task_begins_at_its_lora_and_leaves_the_past_as_it_was():
+    from types import SimpleNamespace
+
+    from cidm.methods.cidm import CIDM
+
+    g = torch.Generator().manual_seed(5)
+    past = {"a": random_lora(MIXED_SHAPES, g), "b": random_lora(MIXED_SHAPES, g)}
+    kept = {n: {m: l.delta(m).clone() for m in MIXED_SHAPES} for n, l in past.items()}
+    for start in ("previous", "zero"):
+        current = random_lora(MIXED_SHAPES, g)
+        fresh = {m: current.delta(m).clone() for m in MIXED_SHAPES}
+        task = SimpleNamespace(config=SimpleNamespace(name="c"), past=past, current=current)
+        CIDM("t", "", lora_start=start, use_r2=False).before_task(task)
+        for m in MIXED_SHAPES:  # task g-1's ΔW exactly (rank 2 into rank 2), or untouched from θ0
+            assert torch.allclose(current.delta(m), kept["b"][m] if start == "previous" else fresh[m], atol=1e-5)
+            assert all(torch.equal(past[n].delta(m), kept[n][m]) for n in past)
+    task = SimpleNamespace(config=SimpleNamespace(name="c"), past=past, current=random_lora(MIXED_SHAPES, g))
+    with pytest.raises(ValueError, match="'zero', 'shared' or 'previous'"):
+        CIDM("t", "", lora_start="last").before_task(task)
+
+
 MIXED_SHAPES = {"q1": (6, 5), "q2": (6, 5), "k1": (6, 9), "o1": (4, 6)}  # modules of three shapes, two alike
 
 

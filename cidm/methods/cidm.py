@@ -27,7 +27,9 @@ class CIDM(Method):
     use_r2: bool = True  # ablation switch (cidm-no-r2)
     r2_rank: int = 16  # k of the factored W_* = U Vᵀ and H_i = P Qᵀ (see losses.TaskSharedKnowledge)
     r2_lr: float = 1e-3  # step-2 learning rate for H and W_*
-    lora_start: str = "zero"  # "zero": task g's LoRA from θ0 (paper) | "shared": from H_g W_*, H_g the mean past H_i
+    # "zero": task g's LoRA from θ0 (paper) | "shared": from H_g W_*, H_g the mean past H_i | "previous": from the
+    # LoRA of task g-1 (as a carried LoRA starts: EWC, LwF, LFS), the past tasks' LoRAs kept as they are
+    lora_start: str = "zero"
     r2_update: str = "joint"  # Eq. 7's step 2: "joint" from step 1's backward | "alternating", a pass of its own
 
     def __post_init__(self):
@@ -63,16 +65,19 @@ class CIDM(Method):
         return stored_task_shared(theirs)
 
     def before_task(self, task) -> None:
-        if self.lora_start not in ("zero", "shared"):
-            raise ValueError(f"lora_start must be 'zero' or 'shared', got {self.lora_start!r}")
+        if self.lora_start not in ("zero", "shared", "previous"):
+            raise ValueError(f"lora_start must be 'zero', 'shared' or 'previous', got {self.lora_start!r}")
         if self.r2_update not in ("joint", "alternating"):
             raise ValueError(f"r2_update must be 'joint' or 'alternating', got {self.r2_update!r}")
         self.r2_active = self.use_r2 and self.shared is not None and bool(self.shared.tasks)
         self.groups = self.shared.groups if self.shared is not None else None
         self.past_factors = {name: GroupedLoRA.of(lora, self.groups) for name, lora in task.past.items()}
+        if self.lora_start == "previous" and task.past:  # DEVIATION option (README): what task g-1 learned
+            previous = list(task.past.values())[-1]
+            start_lora_at(task.current, {m: previous.delta(m) for m in task.current.modules})
         if self.r2_active:
             from_shared = self.lora_start == "shared"
-            self.shared.add_task(task.config.name, "mean" if from_shared else "zero")
+            self.shared.add_task(task.config.name, "zero" if self.lora_start == "zero" else "mean")
             if from_shared:  # DEVIATION option: what R2 keeps of the past tasks starts the new one (README)
                 start_lora_at(task.current, self.shared.shared_delta(task.config.name))
             self.shared_optimizer = torch.optim.Adam(self.shared.parameters(), lr=self.r2_lr,
