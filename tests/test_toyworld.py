@@ -281,6 +281,11 @@ def test_method_runs_made_apart_merge_into_the_same_table(tmp_path):
     for m in ("cidm", "lora-m"):
         assert merged["methods"][m]["ia"] == joint["methods"][m]["ia"]  # deterministic, whichever process ran it
     assert (tmp_path / "merged" / "ia_heatmap_lora-m.png").is_file() and (tmp_path / "merged" / "results.md").is_file()
+    assert "Run again" not in (tmp_path / "merged" / "results.md").read_text()
+    run = {"workers": 2, "threads_each": 1, "wall_seconds": 90.0, "rerun": {"methods": ["lora-m"]}}
+    merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "rerun", run=run)
+    text = (tmp_path / "rerun" / "results.md").read_text()
+    assert "took 1.5 min in 2 processes" in text and "with that run's times: lora-m." in text
     import pytest
 
     with pytest.raises(ValueError, match="repeats method"):

@@ -95,6 +95,8 @@ def results_markdown(results: dict, order: list[str]) -> str:
     lines += ["### Wall time", "", "Methods that learn identically (one training run) share its learning time.", "",
               *([f"The whole run took {run['wall_seconds'] / 60:.1f} min in {run['workers']} processes of "
                  f"{run['threads_each']} thread(s).", ""] if run else []),
+              *([f"Run again afterwards on their own and merged in (`--merge`), with that run's times: "
+                 f"{', '.join(run['rerun']['methods'])}.", ""] if run and run.get("rerun") else []),
               markdown_table(["method", "learning (s)", "evaluation (s)"],
                              [[m, r["learn_seconds"], r["eval_seconds"]] for m, r in results["methods"].items()]),
               "", "### Method settings (TaskConfig overrides)", "",

@@ -42,7 +42,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     LoRAMerge("lora-m", "LoRA Merge: per-task LoRAs, merged with equal weights", merge="mean"),
     LoRAMerge("lora-c", "LoRA Composite: per-task LoRAs, noise predictions averaged over LoRAs", merge="composite"),
     Finetune("finetune", "Finetuning: one LoRA carried from task to task, no regulariser"),
-    EWC("ewc", "EWC: one LoRA carried from task to task, diagonal-Fisher penalty (online EWC)", ewc_lambda=10.0,
+    EWC("ewc", "EWC: one LoRA carried from task to task, diagonal-Fisher penalty (online EWC)", ewc_lambda=0.1,
         weight="ewc_lambda"),
     LwF("lwf", "LwF: one LoRA carried across tasks, distilled from the previous model on old concepts' prompts",
         lwf_lambda=10.0, weight="lwf_lambda"),
