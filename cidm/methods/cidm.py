@@ -72,16 +72,23 @@ class CIDM(Method):
         self.r2_active = self.use_r2 and self.shared is not None and bool(self.shared.tasks)
         self.groups = self.shared.groups if self.shared is not None else None
         self.past_factors = {name: GroupedLoRA.of(lora, self.groups) for name, lora in task.past.items()}
-        if self.lora_start == "previous" and task.past:  # DEVIATION option (README): what task g-1 learned
-            previous = list(task.past.values())[-1]
-            start_lora_at(task.current, {m: previous.delta(m) for m in task.current.modules})
         if self.r2_active:
-            from_shared = self.lora_start == "shared"
             self.shared.add_task(task.config.name, "zero" if self.lora_start == "zero" else "mean")
-            if from_shared:  # DEVIATION option: what R2 keeps of the past tasks starts the new one (README)
-                start_lora_at(task.current, self.shared.shared_delta(task.config.name))
             self.shared_optimizer = torch.optim.Adam(self.shared.parameters(), lr=self.r2_lr,
                                                      **adam_kernels(self.shared.device))
+        start = self.start_deltas(task)
+        if start is not None:
+            start_lora_at(task.current, start)
+
+    def start_deltas(self, task) -> dict[str, torch.Tensor] | None:
+        """Where task g's ΔW starts, per module; None for θ0 (the paper). DEVIATION options (README): "shared", what
+        R2 keeps of the past tasks (H_g W_*, H_g their mean H_i); "previous", what task g-1 learned."""
+        if self.lora_start == "shared" and self.r2_active:
+            return self.shared.shared_delta(task.config.name)
+        if self.lora_start == "previous" and task.past:
+            previous = list(task.past.values())[-1]
+            return {m: previous.delta(m) for m in task.current.modules}
+        return None
 
     def loss(self, task, batch) -> dict[str, tuple[float, torch.Tensor]]:
         # step 1 of Eq. 7: tokens and ΔW_g on the concept consolidation loss (Eq. 2), H and W_* fixed
